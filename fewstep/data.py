@@ -1,0 +1,48 @@
+"""Data-source helpers for plugin authors: deterministic, resumable, world-size-independent order."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .interfaces import Batch, DataSource, DataSpec
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a function of (seed, epoch) only, so any step can be resumed."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def index_stream(n: int, batch: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+    """Indices of this rank's slice of each global batch, from global step `start_step` on.
+
+    The global batch of step k is positions [k*B*world, (k+1)*B*world) of the concatenated
+    epoch permutations: the same data order for any world size and any resume point.
+    """
+    gb = batch * world
+    pos = start_step * gb
+    while True:
+        epoch, off = divmod(pos, n)
+        idx: list[int] = []
+        while len(idx) < gb:
+            perm = epoch_permutation(n, seed, epoch)
+            idx += perm[off:off + gb - len(idx)].tolist()
+            epoch, off = epoch + 1, 0
+        pos += gb
+        yield torch.tensor(idx[rank * batch:(rank + 1) * batch])
+
+
+class TensorSource(DataSource):
+    """A data source over in-memory tensors: x in [-1, 1] (N, C, H, W) and optional labels (N,)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, num_classes: int, name: str):
+        self.x, self.y = x, y
+        self.spec = DataSpec(tuple(x.shape[1:]), num_classes, name)
+
+    def batches(self, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        for idx in index_stream(len(self.x), batch_size, seed, start_step, rank, world):
+            yield Batch(self.x[idx], None if self.y is None else self.y[idx])
+
+    def reference_images(self, split: str = "train", limit: int | None = None) -> torch.Tensor:
+        return self.x[:limit] if limit else self.x

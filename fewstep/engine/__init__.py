@@ -1,0 +1,1 @@
+"""Training machinery: the loop, EMA, checkpoints, distributed setup, logging."""

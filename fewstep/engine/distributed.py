@@ -1,0 +1,75 @@
+"""Where every rank-dependent decision is made: process group, device, seeds, data shards.
+
+The same entry point runs as one process or under ``torchrun``: ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` in the environment switch DDP on (NCCL on
+CUDA, gloo on CPU).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 logs, shows progress, writes checkpoints and sample grids."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def rank_seed(self, seed: int) -> int:
+        """Per-rank seed (DiT's convention): seed * world + rank."""
+        return seed * self.world + self.rank
+
+    def local_batch(self, global_batch: int) -> int:
+        if global_batch % self.world:
+            raise ValueError(f"global batch {global_batch} is not divisible by the world size {self.world}")
+        return global_batch // self.world
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device = 'cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_choice: str = "auto") -> DistInfo:
+    """Read the launcher's environment; initialise the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_choice, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world
+    return value

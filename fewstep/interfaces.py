@@ -1,0 +1,131 @@
+"""The contracts every plugin honours.
+
+Time convention everywhere in the core: t = 0 is data, t = 1 is noise,
+x_t = (1 - t) x0 + t e. An objective that thinks in another convention (EDM
+sigma for consistency training) converts at its own boundary.
+
+Backbone:   ``net(x, t, s, y) -> Tensor`` shaped like x; t, s of shape (B,), s <= t;
+            y of shape (B,) with ``num_classes`` as the null class (None: all null).
+Objective:  ``loss(net, batch, step) -> LossOutput``; ``flow_map(net, x, t, s, y)``;
+            ``velocity(net, x, t, y)``; names its default sampler at registration.
+Sampler:    ``sample(objective, net, noise, y, nfe, generator) -> x0``.
+DataSource: ``spec``; ``batches(batch, seed, start_step, rank, world)``; ``to_images``.
+Evaluator:  ``evaluate(samples, reference, **ctx) -> dict[str, float]``.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # torch is imported lazily: this module is read by the CLI
+    import torch
+    from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a data source yields: the model-space tensors (pixels or latents)."""
+
+    shape: tuple[int, ...]  # (C, H, W) of one sample in model space
+    num_classes: int  # 0: unconditional; labels are 0..num_classes-1, null class = num_classes
+    name: str = ""
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+
+@dataclass
+class BuildContext:
+    """Handed to every factory: what the run knows that a component may need."""
+
+    data: DataSpec | None = None
+    train_steps: int = 0  # the run's total optimizer steps (schedules may default to it)
+    seed: int = 0
+    device: Any = "cpu"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    x: "Tensor"  # (B, C, H, W) model-space data, t = 0
+    y: "Tensor | None"  # (B,) int64 labels or None for unconditional data
+
+
+@dataclass
+class LossOutput:
+    """The scalar to back-propagate plus named float metrics (raw, unweighted errors)."""
+
+    loss: "Tensor"
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(abc.ABC):
+    """A training objective: owns its parameterisation, time sampling, CFG and weighting."""
+
+    #: the sampler used when a recipe has no [sampler] table
+    default_sampler: str = ""
+
+    def __init__(self, ctx: BuildContext):
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    def loss(self, net: "nn.Module", batch: Batch, step: int) -> LossOutput:
+        """One training loss on a batch at optimizer step `step` (0-based, finished steps)."""
+
+    @abc.abstractmethod
+    def flow_map(self, net: "nn.Module", x: "Tensor", t: "Tensor", s: "Tensor", y: "Tensor | None") -> "Tensor":
+        """Carry x at time t to time s <= t (t, s of shape (B,))."""
+
+    def velocity(self, net: "nn.Module", x: "Tensor", t: "Tensor", y: "Tensor | None") -> "Tensor":
+        """Instantaneous velocity dx/dt at (x, t): by default the network at s = t."""
+        return net(x, t, t, y)
+
+    def trainable_state(self) -> dict[str, "Tensor"]:
+        """Extra tensors an objective trains or tracks (saved in checkpoints). Usually none."""
+        return {}
+
+
+class Sampler(abc.ABC):
+    """Turns noise into data with a fixed number of network evaluations."""
+
+    def __init__(self, ctx: BuildContext):
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    def sample(self, objective: Objective, net: "nn.Module", noise: "Tensor", y: "Tensor | None", nfe: int,
+               generator: "torch.Generator | None" = None) -> "Tensor":
+        """Return samples at t = 0 from `noise` at t = 1, using `nfe` network evaluations."""
+
+
+class DataSource(abc.ABC):
+    """Yields (x, y) batches in model space and turns samples back into images."""
+
+    spec: DataSpec
+
+    @abc.abstractmethod
+    def batches(self, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """An endless, deterministic stream of this rank's batches, starting at step `start_step`.
+
+        The global batch of step k is the same whatever `world` is; rank r gets its slice.
+        """
+
+    def to_images(self, x: "Tensor") -> "Tensor":
+        """Model-space samples -> images in [-1, 1], (B, C, H, W) (decode latents here)."""
+        return x
+
+    def reference_images(self, split: str = "train", limit: int | None = None) -> "Tensor":
+        """Real images in [-1, 1] for reference statistics."""
+        raise NotImplementedError(f"{type(self).__name__} provides no reference images")
+
+
+class Evaluator(abc.ABC):
+    """Given generated images and a reference, returns named metrics."""
+
+    def __init__(self, ctx: BuildContext):
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    def evaluate(self, generated: "Tensor", reference: "Tensor", **info: Any) -> dict[str, float]:
+        """`generated`, `reference`: uint8 (N, C, H, W) images."""

@@ -1,0 +1,47 @@
+"""Load a finished (or running) run folder: recipe, components and EMA weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import build_components
+from .engine import checkpoint as ckpt
+from .engine.distributed import resolve_device
+from .engine.trainer import load_run_recipe
+from .interfaces import DataSource, Objective, Sampler
+from .recipe import Recipe
+
+
+@dataclass
+class LoadedRun:
+    recipe: Recipe
+    net: torch.nn.Module
+    objective: Objective
+    sampler: Sampler
+    data: DataSource
+    device: torch.device
+    checkpoint: Path
+
+
+def load_model(run_dir: str | Path, ema_index: int = 0, device: str = "auto", registry: Any = None) -> LoadedRun:
+    run_dir = Path(run_dir)
+    recipe = load_run_recipe(run_dir, registry)
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+    dev = resolve_device(device)
+    comps = build_components(recipe, device=dev, registry=registry)
+    if ema_index < 0:
+        state = ckpt.load_weights(latest / "model.safetensors", dev)
+    else:
+        flat = ckpt.load_weights(latest / "ema.safetensors", dev)
+        prefix = f"ema{ema_index}."
+        state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+        if not state:
+            raise FileNotFoundError(f"{latest} has no EMA copy {ema_index}")
+    comps.net.load_state_dict(state)
+    comps.net.eval()
+    return LoadedRun(recipe, comps.net, comps.objective, comps.sampler, comps.data, dev, latest)

@@ -1,0 +1,1 @@
+"""fewstep built-in plugins, each registered through the fewstep entry-point group."""

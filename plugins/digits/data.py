@@ -1,0 +1,19 @@
+"""scikit-learn's handwritten digits (UCI optdigits test set, 1797 images of 8x8, values 0..16)."""
+from __future__ import annotations
+
+import torch
+
+from fewstep.data import TensorSource
+from fewstep.interfaces import BuildContext
+
+
+class Digits(TensorSource):
+    def __init__(self, ctx: BuildContext, conditional: bool = True, limit: int = 0):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # (1797, 1, 8, 8) in [-1, 1]
+        y = torch.tensor(d.target, dtype=torch.long)
+        if limit:
+            x, y = x[:limit], y[:limit]
+        super().__init__(x, y if conditional else None, 10 if conditional else 0, "digits")

@@ -1,0 +1,57 @@
+import os
+
+os.environ.setdefault("COLUMNS", "200")  # stable rich/typer wrapping in CLI tests
+
+import pytest
+import torch
+
+from fewstep.recipe import recipe_from_dict
+from fewstep.registry import Registry, set_registry
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    """Each test starts from the installed entry points, and in-process registrations never leak."""
+    set_registry(None)
+    yield
+    set_registry(None)
+
+
+@pytest.fixture
+def registry():
+    reg = Registry()
+    set_registry(reg)
+    return reg
+
+
+def tiny_dict(**tables):
+    """A recipe small enough to train a few steps on CPU in about a second."""
+    d = {
+        "name": "tiny",
+        "data": {"name": "digits", "limit": 64},
+        "backbone": {"name": "dit", "size": "T/2", "hidden": 32, "depth": 1, "heads": 2},
+        "objective": {"name": "fm"},
+        "train": {"steps": 6, "batch": 8, "lr": 1e-3, "log_every": 1, "ema": [0.9, 0.5], "seed": 3},
+        "eval": {"nfe": [1], "grid": 4},
+    }
+    for table, values in tables.items():
+        if values is None:
+            d.pop(table, None)
+        elif isinstance(values, dict) and isinstance(d.get(table), dict):
+            d[table] = {**d[table], **values}
+        else:
+            d[table] = values
+    return d
+
+
+@pytest.fixture
+def tiny():
+    def make(**tables):
+        return recipe_from_dict(tiny_dict(**tables))
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

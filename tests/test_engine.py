@@ -1,0 +1,197 @@
+"""The training loop: bit-identical resume, non-finite steps, EMA, checkpoints, run folder."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import fewstep
+from fewstep.cli import app
+from fewstep.engine import checkpoint as ckpt
+from fewstep.engine.ema import EMA
+from fewstep.engine.trainer import RunFolderError, Trainer, TrainingDiverged
+from fewstep.interfaces import LossOutput
+from fewstep.recipe import recipe_from_dict
+from fewstep.registry import get_registry
+
+from conftest import tiny_dict
+
+
+def weights(run_dir):
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    return load_file(latest / "model.safetensors"), load_file(latest / "ema.safetensors")
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_is_bit_identical(tmp_path, tiny):
+    r = tiny(train={"checkpoint_every": 3})
+    Trainer(r, tmp_path / "straight", show_progress=False).run()
+    Trainer(r, tmp_path / "split", show_progress=False).run(until_step=3)
+    res = Trainer(r, tmp_path / "split", resume=True, show_progress=False).run()
+    assert res.step == 6
+    for a, b in zip(weights(tmp_path / "straight"), weights(tmp_path / "split")):
+        assert_identical(a, b)
+    # the optimizer really moved the weights (a no-op trainer would also be "identical")
+    first = load_file(tmp_path / "split" / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert not torch.equal(first["final_layer.linear.weight"], weights(tmp_path / "split")[0]["final_layer.linear.weight"])
+
+
+class Interrupting:
+    """An in-process objective plugin that behaves like fm but raises KeyboardInterrupt at one step."""
+
+    __name__ = "interrupting"
+    at_step = None
+
+    @fewstep.hookimpl
+    def register_objectives(register):
+        def build(ctx, **opts):
+            from fewstep_plugins.fm.objective import FlowMatching
+
+            class Obj(FlowMatching):
+                def loss(self, net, batch, step):
+                    if step == Interrupting.at_step:
+                        raise KeyboardInterrupt
+                    return super().loss(net, batch, step)
+
+            return Obj(ctx, **opts)
+
+        register("fm-interrupt", build, default_sampler="ode")
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, registry):
+    registry.register_plugin(Interrupting, name="interrupting")
+    d = tiny_dict(objective={"name": "fm-interrupt"}, train={"checkpoint_every": 2})
+    r = recipe_from_dict(d)
+    Interrupting.at_step = None
+    Trainer(r, tmp_path / "straight", show_progress=False).run()
+    Interrupting.at_step = 5  # dies in the middle of step 5, after the checkpoint at 4
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(r, tmp_path / "killed", show_progress=False).run()
+    assert ckpt.latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_00000004"
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".tmp*"))
+    Interrupting.at_step = None
+    Trainer(r, tmp_path / "killed", resume=True, show_progress=False).run()
+    for a, b in zip(weights(tmp_path / "straight"), weights(tmp_path / "killed")):
+        assert_identical(a, b)
+
+
+class NaNAt:
+    __name__ = "nan-at"
+    steps: set = set()
+
+    @fewstep.hookimpl
+    def register_objectives(register):
+        def build(ctx, **opts):
+            from fewstep_plugins.fm.objective import FlowMatching
+
+            class Obj(FlowMatching):
+                def loss(self, net, batch, step):
+                    out = super().loss(net, batch, step)
+                    if step in NaNAt.steps:
+                        return LossOutput(out.loss * float("nan"), out.metrics)
+                    return out
+
+            return Obj(ctx, **opts)
+
+        register("fm-nan", build, default_sampler="ode")
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, registry):
+    registry.register_plugin(NaNAt, name="nan-at")
+    NaNAt.steps = {2, 3}
+    r = recipe_from_dict(tiny_dict(objective={"name": "fm-nan"}))
+    res = Trainer(r, tmp_path / "run", show_progress=False).run()
+    assert res.skipped_steps == 2
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["skipped_steps"] == 2 and all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    model, _ = weights(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_several_non_finite_steps_in_a_row_stop_the_run(tmp_path, registry):
+    registry.register_plugin(NaNAt, name="nan-at")
+    NaNAt.steps = {3, 4, 5}
+    r = recipe_from_dict(tiny_dict(objective={"name": "fm-nan"}, train={"max_bad_steps": 3, "checkpoint_every": 2, "steps": 10}))
+    with pytest.raises(TrainingDiverged) as exc:
+        Trainer(r, tmp_path / "run", show_progress=False).run()
+    msg = str(exc.value)
+    assert "step 6" in msg and "step_00000002" in msg
+
+
+def test_ema_matches_closed_form():
+    net = torch.nn.Linear(3, 1, bias=False)
+    w0 = net.weight.detach().clone()
+    ema = EMA(net, [0.9, 0.5], every=1)
+    with torch.no_grad():
+        net.weight.fill_(2.0)  # constant weights from now on
+    for step in range(1, 8):
+        ema.update(net, step)
+    for i, d in enumerate([0.9, 0.5]):
+        expected = d ** 7 * w0 + (1 - d ** 7) * 2.0
+        torch.testing.assert_close(ema.shadows[i]["weight"], expected)
+
+
+def test_ema_every_16_equals_16_single_steps():
+    """CIFAR recipes: decay**16 every 16 steps, the power taken in float64, equals 16 exact single steps."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    w0 = {k: v.detach().double().clone() for k, v in net.state_dict().items()}
+    a = EMA(net, [0.9999], every=16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    for step in range(1, 17):
+        a.update(net, step)
+    for k, v in net.state_dict().items():
+        exact = w0[k]  # 16 single float64 steps
+        for _ in range(16):
+            exact = 0.9999 * exact + (1 - 0.9999) * v.double()
+        torch.testing.assert_close(a.shadows[0][k].double(), exact, atol=1e-7, rtol=0)
+
+
+def test_checkpoint_layout_and_safe_loading(tmp_path, tiny):
+    r = tiny(train={"checkpoint_every": 2, "keep_checkpoints": 2})
+    Trainer(r, tmp_path / "run", show_progress=False).run()
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000004", "step_00000006"]
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    state = torch.load(root / "step_00000006" / "state.pt", weights_only=True)  # no arbitrary unpickling
+    assert state["step"] == 6
+    ema = load_file(root / "step_00000006" / "ema.safetensors")
+    assert any(k.startswith("ema1.") for k in ema)  # two decays -> two copies
+    assert (tmp_path / "run" / "recipe.toml").read_text().count("[train]") == 1
+    assert (tmp_path / "run" / "samples" / "step_00000006_nfe1.png").is_file()
+
+
+def test_run_folder_is_not_silently_overwritten_and_resume_checks_the_recipe(tmp_path, tiny):
+    Trainer(tiny(), tmp_path / "run", show_progress=False).run()
+    with pytest.raises(RunFolderError, match="--resume"):
+        Trainer(tiny(), tmp_path / "run", show_progress=False)._prepare_run_dir()
+    with pytest.raises(RunFolderError, match="train.lr"):
+        Trainer(tiny(train={"lr": 0.5}), tmp_path / "run", resume=True, show_progress=False)._prepare_run_dir()
+
+
+def test_cli_train_tiny_and_sample(tmp_path):
+    import tomli_w
+
+    p = tmp_path / "tiny.toml"
+    p.write_text(tomli_w.dumps(tiny_dict()))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(p), "--out", str(tmp_path / "run"), "--set", "train.steps=4"], prog_name="fewstep")
+    assert res.exit_code == 0, res.output
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    res = runner.invoke(app, ["sample", str(tmp_path / "run"), "--num", "10", "--out", str(tmp_path / "s.npz")], prog_name="fewstep")
+    assert res.exit_code == 0, res.output
+    import numpy as np
+
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (10, 8, 8, 1) and arr.dtype == np.uint8
+    res = runner.invoke(app, ["train", str(p), "--out", str(tmp_path / "run")], prog_name="fewstep")
+    assert res.exit_code == 2 and "--resume" in res.output
