@@ -66,6 +66,9 @@ class Objective(abc.ABC):
 
     #: the sampler used when a recipe has no [sampler] table
     default_sampler: str = ""
+    #: True when loss() calls the unwrapped module (e.g. torch.func.jvp), bypassing DDP: the engine
+    #: then skips the DDP wrapper and all-reduces gradients itself after backward
+    manual_grad_sync: bool = False
 
     def __init__(self, ctx: BuildContext):
         self.ctx = ctx

@@ -73,3 +73,32 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= info.world
     return value
+
+
+def all_reduce_grads(params, info: DistInfo) -> None:
+    """Average .grad over ranks by hand, for objectives that call the unwrapped module.
+
+    torch.func.jvp cannot take a DDP-wrapped module, and calling `model.module` silently
+    bypasses DDP's gradient all-reduce. Objectives that do so set `manual_grad_sync = True`;
+    the engine then skips the DDP wrapper and calls this after every backward.
+    """
+    if not info.enabled:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def broadcast_params(module: torch.nn.Module, info: DistInfo) -> None:
+    """Make every rank start from rank 0's weights (what DDP's constructor does)."""
+    if info.enabled:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)

@@ -24,7 +24,7 @@ from ..recipe import Recipe, recipe_from_dict
 from ..sampling import generate
 from ..images import save_grid
 from . import checkpoint as ckpt
-from .distributed import DistInfo, init_distributed
+from .distributed import DistInfo, all_reduce_grads, broadcast_params, init_distributed
 from .ema import EMA
 
 # keys that may change between a run and its resumption
@@ -138,7 +138,11 @@ class Trainer:
         model = net
         if tr["compile"]:
             model = torch.compile(net)
-        if info.enabled:
+        # Objectives that call the unwrapped module (a JVP, say) ask for a manual all-reduce instead of DDP.
+        manual_sync = info.enabled and bool(getattr(objective, "manual_grad_sync", False))
+        if manual_sync:
+            broadcast_params(net, info)
+        elif info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -196,6 +200,8 @@ class Trainer:
                         out = objective.loss(model, batch, step)
                     loss = out.loss
                     loss.backward()
+                    if manual_sync:
+                        all_reduce_grads(params, info)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
                     finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # one sync per step
                     if not finite:

@@ -1,0 +1,1 @@
+"""ECT: easy consistency training (EDM parameterisation) baseline."""

@@ -1,0 +1,1 @@
+"""torch-fidelity evaluators (FID, KID, IS, precision/recall), offline Inception."""

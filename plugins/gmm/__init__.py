@@ -1,0 +1,1 @@
+"""Gaussian-mixture data with an exact solution function, and its evaluator."""

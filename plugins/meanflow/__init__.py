@@ -1,0 +1,1 @@
+"""MeanFlow: average-velocity objective with a JVP target, and its sampler."""

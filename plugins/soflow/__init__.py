@@ -1,0 +1,1 @@
+"""SoFlow: Solution Flow Models (objective and samplers)."""
