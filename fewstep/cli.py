@@ -147,7 +147,7 @@ def sample(
         loaded = load_model(run, ema_index=ema)
     except (RegistryError, RecipeError, FileNotFoundError) as exc:
         _fail(str(exc))
-    from .images import save_grid, to_uint8
+    from .images import to_uint8
     from .sampling import generate
 
     out = out or run / "samples" / f"sample_nfe{nfe}.png"
@@ -165,7 +165,7 @@ def sample(
         np.savez(out, arr_0=to_uint8(imgs).permute(0, 2, 3, 1).numpy())
     else:
         nrow = loaded.data.spec.num_classes if 0 < loaded.data.spec.num_classes <= 16 else None
-        save_grid(imgs, out, nrow=nrow)
+        loaded.data.save_preview(imgs, out, nrow=nrow)
     console.print(f"wrote {out}")
 
 
@@ -175,3 +175,4 @@ def main() -> None:
     except RegistryError as exc:
         err.print(f"[bold red]error:[/bold red] {exc}")
     app(prog_name="fewstep")
+from . import cli_eval  # noqa: E402,F401  (registers `eval` and `compare` on the app)

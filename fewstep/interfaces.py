@@ -7,7 +7,8 @@ sigma for consistency training) converts at its own boundary.
 Backbone:   ``net(x, t, s, y) -> Tensor`` shaped like x; t, s of shape (B,), s <= t;
             y of shape (B,) with ``num_classes`` as the null class (None: all null).
 Objective:  ``loss(net, batch, step) -> LossOutput``; ``flow_map(net, x, t, s, y)``;
-            ``velocity(net, x, t, y)``; names its default sampler at registration.
+            ``velocity(net, x, t, y)``; names its default sampler at registration;
+            optional ``prepare(net)`` runs once on a fresh run before the optimizer/EMA exist.
 Sampler:    ``sample(objective, net, noise, y, nfe, generator) -> x0``.
 DataSource: ``spec``; ``batches(batch, seed, start_step, rank, world)``; ``to_images``.
 Evaluator:  ``evaluate(samples, reference, **ctx) -> dict[str, float]``.
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:  # torch is imported lazily: this module is read by the CLI
+    from pathlib import Path
+
     import torch
     from torch import Tensor, nn
 
@@ -85,6 +88,10 @@ class Objective(abc.ABC):
         """Instantaneous velocity dx/dt at (x, t): by default the network at s = t."""
         return net(x, t, t, y)
 
+    def prepare(self, net: "nn.Module") -> None:
+        """Called once on a fresh run (never on resume), after the backbone is built and before
+        the optimizer and EMA copies exist, e.g. to load warm-start weights. Default: nothing."""
+
     def trainable_state(self) -> dict[str, "Tensor"]:
         """Extra tensors an objective trains or tracks (saved in checkpoints). Usually none."""
         return {}
@@ -118,17 +125,32 @@ class DataSource(abc.ABC):
         """Model-space samples -> images in [-1, 1], (B, C, H, W) (decode latents here)."""
         return x
 
+    def save_preview(self, samples: "Tensor", path: "Path", nrow: int | None = None) -> "Path":
+        """Write a picture of samples (as returned by `to_images`): an image grid by default."""
+        from .images import save_grid
+
+        return save_grid(samples, path, nrow=nrow)
+
     def reference_images(self, split: str = "train", limit: int | None = None) -> "Tensor":
         """Real images in [-1, 1] for reference statistics."""
         raise NotImplementedError(f"{type(self).__name__} provides no reference images")
 
 
 class Evaluator(abc.ABC):
-    """Given generated images and a reference, returns named metrics."""
+    """Given generated samples and a reference, returns named metrics."""
+
+    #: "images": generated/reference arrive as uint8 (N, C, H, W) images (FID and friends);
+    #: "samples": as float tensors in model space, exactly what the sampler returned (e.g. GMM points)
+    inputs: str = "images"
 
     def __init__(self, ctx: BuildContext):
         self.ctx = ctx
 
     @abc.abstractmethod
     def evaluate(self, generated: "Tensor", reference: "Tensor", **info: Any) -> dict[str, float]:
-        """`generated`, `reference`: uint8 (N, C, H, W) images."""
+        """Metrics of `generated` against `reference`.
+
+        `info` carries what the caller knows and an evaluator may use: nfe, num_samples, and for
+        evaluators that query the model itself, objective, net (EMA weights, eval mode), sampler,
+        data and device.
+        """

@@ -22,7 +22,6 @@ from ..build import build_components
 from ..interfaces import Batch
 from ..recipe import Recipe, recipe_from_dict
 from ..sampling import generate
-from ..images import save_grid
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_grads, broadcast_params, init_distributed
 from .ema import EMA
@@ -134,6 +133,8 @@ class Trainer:
 
         comps = build_components(r, device=device, registry=self.registry)
         net, objective, sampler, data = comps.net, comps.objective, comps.sampler, comps.data
+        if resume_from is None:  # fresh runs only (a resume loads its own weights): warm starts, before
+            objective.prepare(net)  # compile/DDP broadcast, the optimizer and the EMA copies see the weights
         num_params = sum(p.numel() for p in net.parameters())
         model = net
         if tr["compile"]:
@@ -294,7 +295,7 @@ class Trainer:
             imgs = generate(objective, sampler, ema_net, data, ev["grid"], nfe, seed=ev["seed"], batch=ev["batch"],
                             device=self.info.device)
             nrow = data.spec.num_classes if 0 < data.spec.num_classes <= 16 else None
-            out.append(save_grid(imgs, self.run_dir / "samples" / f"step_{step:08d}_nfe{nfe}.png", nrow=nrow))
+            out.append(data.save_preview(imgs, self.run_dir / "samples" / f"step_{step:08d}_nfe{nfe}.png", nrow=nrow))
         return out
 
 
