@@ -125,3 +125,13 @@ def test_cli_check_prints_resolved_recipe(tmp_path):
     assert res.exit_code == 0, res.output
     assert "batch = 32" in res.output and 'method = "euler"' in res.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_train_and_eval_option_is_documented():
+    from pathlib import Path
+
+    from fewstep.recipe import EVAL_OPTIONS, TRAIN_OPTIONS
+
+    doc = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    for opt in TRAIN_OPTIONS.options + EVAL_OPTIONS.options:
+        assert f"| `{opt.name}` |" in doc, f"docs/recipes.md does not document {opt.name}"

@@ -369,3 +369,13 @@ def test_exact_solution_gives_exact_one_step_samples():
     e = torch.randn(1000, 1, 1, 1, dtype=torch.float64)
     out = SoFlowSampler(obj.ctx).sample(obj, Exact(), e, None, nfe=1)
     torch.testing.assert_close(out, mu + s0 * e)
+
+
+def test_unconditional_data_trains_without_labels():
+    ctx = BuildContext(data=DataSpec((2, 4, 4), 0))
+    obj = SoFlow(ctx)
+    assert not obj.cfg_active
+    net = TinyNet()
+    out = obj.loss(net, Batch(torch.randn(8, 2, 4, 4, dtype=torch.float64), None), step=0)
+    assert torch.isfinite(out.loss) and all(c["y"] is None for c in net.calls)
+    assert len(net.calls) == 2  # student and teacher only: no guidance calls

@@ -163,7 +163,7 @@ class SoFlow(Objective):
                     x_in = torch.cat([x_t[:nF], x_l])
                     F_l = _up(net(x_in, torch.cat([t[:nF], ll]), s, y_in))[nF:]
                 else:
-                    F_l = _up(net(x_l, ll, ss, y_in[nF:]))
+                    F_l = _up(net(x_l, ll, ss, None if y_in is None else y_in[nF:]))
                 f_l = self.sch.f(x_l, F_l, ll, ss)
                 f_t = self.sch.f(xt, F_t.detach(), tt, ss)
                 q = (f_t - f_l) / expand_like(tt - ll, xt)  # finite-difference quotient
