@@ -117,18 +117,26 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             return out
 
-        for i in range(args.warmup):
-            step(i)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
         times = []
-        for i in range(args.steps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            out = step(args.warmup + i)
-            b.record()
+        try:
+            for i in range(args.warmup):
+                step(i)
             torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
+            torch.cuda.reset_peak_memory_stats(dev)
+            for i in range(args.steps):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                out = step(args.warmup + i)
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+        except torch.cuda.OutOfMemoryError:
+            rows.append({"objective": text, "ms_per_step": float("nan"), "ms_spread": float("nan"),
+                         "peak_gib": float("nan"), "loss_finite": False, "oom": True, "params_m": float("nan")})
+            print(json.dumps(rows[-1]), flush=True)
+            del net, obj, opt
+            torch.cuda.empty_cache()
+            continue
         peak = torch.cuda.max_memory_allocated(dev) / 2**30
         loss = float(out.loss)
         rows.append({"objective": text, "ms_per_step": statistics.median(times), "ms_spread": max(times) - min(times),
@@ -139,11 +147,15 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     base = next((r for r in rows if r["objective"] == "fm"), rows[0])
+    total_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
     lines = [f"card: {card}; torch {torch.__version__}; DiT-{args.size}, batch {args.batch}, {args.precision}; "
              f"median of {args.steps} steps after {args.warmup} warm-up",
              f"forward-mode AD through fused SDPA on this device: {jvp_fused}", "",
              "| objective | ms/step | x FM | peak GiB | x FM |", "|---|---:|---:|---:|---:|"]
     for r in rows:
+        if r.get("oom"):
+            lines.append(f"| {r['objective']} | out of memory ({total_gib:.0f} GiB card) | | | |")
+            continue
         lines.append(f"| {r['objective']} | {r['ms_per_step']:.1f} | {r['ms_per_step'] / base['ms_per_step']:.2f} | "
                      f"{r['peak_gib']:.1f} | {r['peak_gib'] / base['peak_gib']:.2f} |")
     text = "\n".join(lines)
