@@ -69,7 +69,7 @@ def eval_cmd(
       FEWSTEP_INCEPTION_WEIGHTS=~/default_1.pt fewstep eval runs/x
       fewstep eval runs/x --metrics isc -O inception_weights=~/weights-inception-2015-12-05-6726825d.pth
     """
-    from .compare import DEFAULT_METRICS, CompareError, EvalSettings, evaluate_run, parse_options, write_json
+    from .compare import DEFAULT_METRICS, CompareError, EvalSettings, evaluate_run, parse_options, tools_of, write_json
     from .engine.trainer import RunFolderError, load_run_recipe
 
     try:
@@ -96,19 +96,16 @@ def eval_cmd(
 
     proto = payload["protocol"]
     ref = proto["reference"]
-    first = next(iter(proto["evaluators"].values()), {})
-    t = Table(title=f"{run} step {payload['step']}: {settings.num} samples vs {ref['num']} {ref['dataset']} {ref['split']} images, "
-                    f"{proto['weights']}, torch-fidelity {first.get('torch_fidelity', '?')} ({first.get('extractor', '?')})",
-              title_justify="left")
-    keys = list(dict.fromkeys(k for r in payload["results"] for k in r["metrics"]))
-    t.add_column("NFE", justify="right")
-    for k in keys:
-        t.add_column(k, justify="right")
-    t.add_column("sampling s", justify="right")
-    t.add_column("metrics s", justify="right")
-    for r in payload["results"]:
-        t.add_row(str(r["nfe"]), *[f"{r['metrics'][k]:.4g}" if k in r["metrics"] else "-" for k in keys],
-                  f"{r['sample_seconds']:.1f}", f"{r['eval_seconds']:.1f}")
+    t = Table(title=f"{run} step {payload['step']}: {settings.num} samples vs {ref['num']} {ref['dataset']} {ref['split']} "
+                    f"reference, {proto['weights']}{tools_of(proto)}", title_justify="left")
+    results = payload["results"]
+    t.add_column("metric")
+    for r in results:  # a column per NFE: any number of metrics fits
+        t.add_column(f"NFE {r['nfe']}", justify="right")
+    for k in dict.fromkeys(k for r in results for k in r["metrics"]):
+        t.add_row(k, *[f"{r['metrics'][k]:.4g}" if k in r["metrics"] else "-" for r in results])
+    t.add_row("sampling s", *[f"{r['sample_seconds']:.1f}" for r in results], style="dim")
+    t.add_row("metrics s", *[f"{r['eval_seconds']:.1f}" for r in results], style="dim")
     console.print(t)
     console.print(f"wrote {target}")
 
@@ -147,7 +144,7 @@ def compare(
       fewstep compare soflow meanflow --budget equal-time --seconds 600
       fewstep compare --runs runs/a runs/b --nfe 1,2
     """
-    from .compare import DEFAULT_METRICS, DEFAULT_RECIPE, BUDGETS, CompareError, CompareSpec, parse_options, run_compare
+    from .compare import BUDGETS, DEFAULT_METRICS, CompareError, CompareSpec, default_recipe, parse_options, run_compare
 
     t0 = time.perf_counter()
     objectives = list(objectives or [])
@@ -194,9 +191,10 @@ def compare(
         except (RunFolderError, RecipeError, RegistryError) as exc:
             _fail(str(exc))
     else:
-        path = recipe or DEFAULT_RECIPE
-        if not path.is_file():
-            _fail(f"no --recipe given and the built-in default {path} is missing; pass --recipe RECIPE")
+        path = recipe or default_recipe()
+        if path is None:
+            _fail("no --recipe given and the default recipes/compare_digits.toml is in neither fewstep's source tree "
+                  "nor the working directory; pass --recipe RECIPE")
         base = _load(path, overrides)
     spec = CompareSpec(objectives=objectives, base=base, out=out or Path("runs") / f"compare-{base.name}",
                        nfes=list(base.eval["nfe"]), seeds=[base.train["seed"] + k for k in range(seeds)],
@@ -212,8 +210,11 @@ def compare(
         _fail(str(exc))
     from .compare import render_table
 
-    # a table wider than a log file's default 80 columns stays readable in CI logs
-    console.print(render_table(result.entries, result.title), width=None if console.is_terminal else 160)
+    # outside a terminal (CI logs, files) rich would squeeze the table into 80 columns
+    from rich.console import Console
+
+    out_console = console if console.is_terminal else Console(width=max(console.width, 160))
+    out_console.print(render_table(result.entries, result.title))
     files = ", ".join(str(spec.out / f) for f in ["compare.json", *result.files.values()])
     console.print(f"wrote {files}")
     console.print(f"total wall time {time.perf_counter() - t0:.1f} s")

@@ -1,9 +1,9 @@
 """Evaluate runs, and compare objectives head to head (`fewstep eval`, `fewstep compare`).
 
 Evaluation: a run's EMA weights generate `num` samples per NFE from fixed noise and uniform
-random labels (seeded); the images become uint8 exactly as the official code does
-(``fewstep.images.to_uint8``) and go, with the data source's reference images, through every
-requested evaluator. The result carries the protocol that produced it.
+random labels (seeded); for image evaluators the samples become uint8 exactly as the official code
+does (``fewstep.images.to_uint8``), and they go, with the data source's reference samples, through
+every requested evaluator. The result carries the protocol that produced it.
 
 Comparison: one recipe, only ``[objective]`` swapped (its other keys dropped so each objective
 gets its own defaults, and ``[sampler]`` dropped so each uses its default sampler); identical
@@ -27,9 +27,17 @@ from .recipe import Recipe, RecipeError, recipe_from_dict
 from .registry import Registry, RegistryError, get_registry
 
 DEFAULT_METRICS = ("fid", "kid")
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "compare_digits.toml"
 BUDGETS = ("equal-steps", "equal-time")
 PROBE_STEPS = 20  # equal-time: steps of the timing probe that sets each objective's step count
+
+
+def default_recipe() -> Path | None:
+    """recipes/compare_digits.toml of the source tree fewstep runs from, else of the working directory."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        p = root / "recipes" / "compare_digits.toml"
+        if p.is_file():
+            return p
+    return None
 
 
 class CompareError(RuntimeError):
@@ -100,15 +108,35 @@ class EvalSettings:
     ref_num: int = 0  # 0: as many reference images as generated ones (all, if fewer exist)
 
 
-def reference_images(data, split: str, num: int):
-    """The data source's real images as uint8 (N, C, H, W)."""
-    from .images import to_uint8
+@dataclass
+class Reference:
+    """The data source's real samples (float: [-1, 1] images, or points) and, on demand, as uint8 images."""
 
+    samples: Any  # (N, ...) float, as DataSource.reference_images returns them
+    name: str
+    split: str
+    _images: Any = None
+
+    @property
+    def images(self):
+        """uint8 (N, C, H, W), converted exactly like generated samples."""
+        if self._images is None:
+            from .images import to_uint8
+
+            self._images = to_uint8(self.samples)
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def reference_of(data, split: str, num: int) -> Reference:
+    """The first `num` reference samples of `split` from the data source."""
     try:
-        imgs = data.reference_images(split, limit=num)
+        samples = data.reference_images(split, limit=num)
     except NotImplementedError as exc:
         raise CompareError(f"data source {data.spec.name or type(data).__name__!r} cannot provide reference images: {exc}") from None
-    return to_uint8(imgs)
+    return Reference(samples, data.spec.name, split)
 
 
 def checkpoint_step(ckpt_dir: Path) -> int:
@@ -128,12 +156,14 @@ def load_ema_into(loaded, ckpt_dir: Path, ema_index: int = 0) -> None:
     loaded.net.eval()
 
 
-def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator], settings: EvalSettings, reference,
-                    progress: Any = None, label: str = "") -> list[dict[str, Any]]:
+def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator], settings: EvalSettings,
+                    reference: Reference, progress: Any = None, label: str = "") -> list[dict[str, Any]]:
     """Sample `settings.num` images per NFE from the loaded network and run every evaluator.
 
-    Returns one dict per NFE: {"nfe", "metrics", "sample_seconds", "eval_seconds"}. `progress`
-    is a rich Progress (or None).
+    Evaluators with ``inputs == "images"`` get uint8 (N, C, H, W) images (generated and reference
+    converted the same way); those with ``inputs == "samples"`` get the float samples as generated.
+    Returns one dict per NFE: {"nfe", "metrics", "sample_seconds", "eval_seconds"}. `progress` is a
+    rich Progress (or None).
     """
     from .images import to_uint8
     from .sampling import generate
@@ -144,18 +174,25 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
     for nfe in nfes:
         task = progress.add_task(f"{label}sample nfe={nfe}", total=settings.num) if progress else None
         t0 = time.perf_counter()
-        imgs = generate(loaded.objective, loaded.sampler, loaded.net, data, settings.num, nfe, seed=settings.seed,
-                        batch=settings.batch, device=loaded.device, balanced=False,
-                        progress=(lambda n, t=task: progress.advance(t, n)) if progress else None)
-        generated = to_uint8(imgs)  # (N, C, H, W) uint8
+        samples = generate(loaded.objective, loaded.sampler, loaded.net, data, settings.num, nfe, seed=settings.seed,
+                           batch=settings.batch, device=loaded.device, balanced=False,
+                           progress=(lambda n, t=task: progress.advance(t, n)) if progress else None)
         t1 = time.perf_counter()
+        images = None
         metrics: dict[str, float] = {}
-        total = len(generated) + (len(reference) if reference is not None else 0)
-        ftask = progress.add_task(f"{label}features nfe={nfe}", total=total) if progress else None
+        total = len(samples) + len(reference)
+        ftask = progress.add_task(f"{label}metrics nfe={nfe}", total=total) if progress else None
         for name, ev in evaluators.items():
-            metrics.update(ev.evaluate(generated, reference, reference_name=data.spec.name, reference_split=settings.ref_split,
-                                       peers=peers, nfe=nfe,
-                                       progress=(lambda n, t=ftask: progress.advance(t, n)) if progress else None))
+            if ev.inputs == "images":
+                images = to_uint8(samples) if images is None else images  # (N, C, H, W) uint8
+                gen, ref = images, reference.images
+            else:
+                gen, ref = samples, reference.samples
+            metrics.update(ev.evaluate(
+                gen, ref, nfe=nfe, num_samples=len(samples), objective=loaded.objective, net=loaded.net,
+                sampler=loaded.sampler, data=data, device=loaded.device, reference_name=reference.name,
+                reference_split=reference.split, peers=peers,
+                progress=(lambda n, t=ftask: progress.advance(t, n)) if progress else None))
         out.append({"nfe": int(nfe), "metrics": metrics, "sample_seconds": t1 - t0, "eval_seconds": time.perf_counter() - t1})
         if progress:
             progress.remove_task(task)
@@ -166,7 +203,8 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
     return out
 
 
-def protocol(loaded, settings: EvalSettings, evaluators: dict[str, Evaluator], ema_index: int, reference) -> dict[str, Any]:
+def protocol(loaded, settings: EvalSettings, evaluators: dict[str, Evaluator], ema_index: int,
+             reference: Reference) -> dict[str, Any]:
     """What produced the numbers: enough to reproduce them."""
     r = loaded.recipe
     decays = r.train["ema"]
@@ -178,9 +216,8 @@ def protocol(loaded, settings: EvalSettings, evaluators: dict[str, Evaluator], e
         "objective": {"name": r.objective.name, **r.objective.options},
         "sampler": {"name": r.sampler.name, **r.sampler.options},
         "data": {"name": r.data.name, **r.data.options},
-        "reference": {"dataset": loaded.data.spec.name or r.data.name, "split": settings.ref_split,
-                      "num": int(len(reference)) if reference is not None else 0,
-                      "resolution": list(reference.shape[1:]) if reference is not None else None},
+        "reference": {"dataset": loaded.data.spec.name or r.data.name, "split": reference.split,
+                      "num": len(reference), "resolution": list(reference.samples.shape[1:])},
         "uint8": "floor(clamp(127.5 x + 128, 0, 255))",
         "device": str(loaded.device),
         "evaluators": {name: _jsonable(getattr(ev, "record", {})) for name, ev in evaluators.items()},
@@ -195,7 +232,7 @@ def evaluate_run(run_dir: Path, nfes: Sequence[int], settings: EvalSettings, opt
     loaded = load_model(run_dir, ema_index=ema_index, registry=registry)
     evaluators = build_evaluators(settings.metrics, options, loaded.recipe.eval, registry)
     ref_num = settings.ref_num or settings.num
-    reference = reference_images(loaded.data, settings.ref_split, ref_num)
+    reference = reference_of(loaded.data, settings.ref_split, ref_num)
     t0 = time.perf_counter()
     results = evaluate_loaded(loaded, nfes, evaluators, settings, reference, progress)
     return {
@@ -353,7 +390,7 @@ def train_all(spec: CompareSpec, console: Any, registry: Registry | None = None)
 
 
 def refs_from_folders(folders: Sequence[Path], registry: Registry | None = None) -> list[RunRef]:
-    """Existing run folders as comparison entries: label = objective (the folder name when that is ambiguous)."""
+    """Existing run folders as comparison entries: label = objective (the folder path when objective and seed repeat)."""
     from .engine.trainer import RunFolderError, load_run_recipe
 
     raw = []
@@ -366,7 +403,7 @@ def refs_from_folders(folders: Sequence[Path], registry: Registry | None = None)
     seen: dict[tuple[str, int], int] = {}
     for obj, seed, _ in raw:
         seen[(obj, seed)] = seen.get((obj, seed), 0) + 1
-    return [RunRef(obj if seen[(obj, seed)] == 1 else f.name, seed, f, train_info_from_folder(f)) for obj, seed, f in raw]
+    return [RunRef(obj if seen[(obj, seed)] == 1 else str(f), seed, f, train_info_from_folder(f)) for obj, seed, f in raw]
 
 
 # -- evaluation of all runs -------------------------------------------------------------------------
@@ -394,7 +431,7 @@ def evaluate_all(refs: list[RunRef], spec: CompareSpec, console: Any, registry: 
                  evaluators: dict[str, Evaluator] | None = None) -> tuple[list[dict], list[dict], dict[str, Any], dict]:
     """Evaluate every run at every NFE (and intermediate checkpoints at the smallest NFE).
 
-    Returns (per-run results, curve points, protocol, sample grids {(label, nfe): uint8 grid}).
+    Returns (per-run results, curve points, protocol, sample previews {(label, nfe): PNG path}).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -419,7 +456,7 @@ def evaluate_all(refs: list[RunRef], spec: CompareSpec, console: Any, registry: 
             settings = EvalSettings(list(spec.metrics), ev["num_samples"], ev["seed"] + seed_index, ev["batch"])
             key = (r.data.name, tuple(sorted(r.data.options.items())), settings.num)
             if key != ref_key:
-                reference, ref_key = reference_images(loaded.data, settings.ref_split, settings.num), key
+                reference, ref_key = reference_of(loaded.data, settings.ref_split, settings.num), key
             if ref.train is not None and ref.train.num_params is None:
                 ref.train.num_params = sum(p.numel() for p in loaded.net.parameters())
             label = f"{ref.label} s{ref.seed} "
@@ -443,37 +480,35 @@ def evaluate_all(refs: list[RunRef], spec: CompareSpec, console: Any, registry: 
                     if c.resolve() == final.resolve():
                         continue
                     load_ema_into(loaded, c)
-                    res = evaluate_loaded(loaded, [min(spec.nfes)], evaluators, settings, reference, progress,
-                                          f"{label}step {checkpoint_step(c)} ")
+                    try:
+                        res = evaluate_loaded(loaded, [min(spec.nfes)], evaluators, settings, reference, progress,
+                                              f"{label}step {checkpoint_step(c)} ")
+                    except Exception as exc:  # noqa: BLE001 - as above
+                        console.log(f"[red]{ref.label} seed {ref.seed} checkpoint {c.name} failed: {type(exc).__name__}: {exc}")
+                        continue
                     curves.append({"label": ref.label, "seed": ref.seed, "step": checkpoint_step(c), "nfe": min(spec.nfes),
                                    "metrics": res[0]["metrics"]})
                 load_ema_into(loaded, final)
-            if not any(k[0] == ref.label for k in grids):  # one grid row per objective: its first run
+            if not any(k[0] == ref.label for k in grids):  # one row of previews per objective: its first run
+                nrow = loaded.data.spec.num_classes if 0 < loaded.data.spec.num_classes <= 16 else None
                 for nfe in spec.nfes:
                     try:
                         imgs = generate(loaded.objective, loaded.sampler, loaded.net, loaded.data, ev["grid"], nfe,
                                         seed=ev["seed"], batch=ev["batch"], device=loaded.device, balanced=True)
-                        grids[(ref.label, nfe)] = _grid_array(imgs, loaded.data.spec.num_classes)
-                    except Exception as exc:  # noqa: BLE001
-                        console.log(f"[red]grid {ref.label} nfe {nfe} failed: {exc}")
+                        path = spec.out / "samples" / f"{_file_slug(ref.label)}_nfe{nfe}.png"
+                        grids[(ref.label, nfe)] = loaded.data.save_preview(imgs, path, nrow=nrow)
+                    except Exception as exc:  # noqa: BLE001 - a missing picture must not lose the numbers
+                        console.log(f"[red]preview {ref.label} nfe {nfe} failed: {type(exc).__name__}: {exc}")
             if i == 0:
                 proto = protocol(loaded, settings, evaluators, 0, reference)
     curves.sort(key=lambda c: (c["label"], c["seed"], c["step"]))
     return per_run, curves, proto, grids
 
 
-def _grid_array(imgs, num_classes: int):
-    """[-1, 1] images -> one uint8 HxWx3 grid array (a row per class block for <= 16 classes)."""
-    from torchvision.utils import make_grid
+def _file_slug(text: str) -> str:
+    import re
 
-    from .images import to_uint8
-
-    n = imgs.shape[0]
-    nrow = num_classes if 0 < num_classes <= 16 else max(1, int(round(n ** 0.5)))
-    g = make_grid(to_uint8(imgs), nrow=nrow, padding=1, pad_value=255)  # (C, H, W)
-    if g.shape[0] == 1:
-        g = g.repeat(3, 1, 1)
-    return g.permute(1, 2, 0).numpy()
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
 def summarize(per_run: list[dict], labels: Sequence[str], nfes: Sequence[int]) -> list[dict]:
@@ -507,21 +542,27 @@ def summarize(per_run: list[dict], labels: Sequence[str], nfes: Sequence[int]) -
 
 def title_of(spec: CompareSpec, proto: dict[str, Any], n_seeds: int, from_runs: bool) -> str:
     ref = proto.get("reference", {})
-    recs = proto.get("evaluators", {})
-    first = next(iter(recs.values()), {})
-    weights = first.get("weights") or {}
-    wdesc = f", weights {weights.get('sha256', '')[:8]}" if isinstance(weights, dict) and weights else ""
-    extractor = first.get("extractor", "?")
     if from_runs:
         budget = "existing runs"
     elif spec.budget == "equal-time":
         budget = f"equal-time {spec.seconds:.0f} s"
     else:
         budget = f"equal-steps {spec.base.train['steps']}"
-    return (f"{'/'.join(spec.metrics).upper()} on {ref.get('dataset', '?')} {ref.get('split', '')} "
-            f"({proto.get('num_samples', '?')} samples vs {ref.get('num', '?')} reference), {proto.get('weights', 'EMA')}, "
-            f"{budget}, {n_seeds} seed{'s' if n_seeds != 1 else ''}, torch-fidelity {first.get('torch_fidelity', '?')} "
-            f"({extractor}{wdesc})")
+    title = (f"{'/'.join(spec.metrics).upper()} on {ref.get('dataset', '?')} {ref.get('split', '')} "
+             f"({proto.get('num_samples', '?')} samples vs {ref.get('num', '?')} reference), {proto.get('weights', 'EMA')}, "
+             f"{budget}, {n_seeds} seed{'s' if n_seeds != 1 else ''}")
+    return title + tools_of(proto)
+
+
+def tools_of(proto: dict[str, Any]) -> str:
+    """", torch-fidelity 0.4.0 (inception-v3-compat, weights 7ff4a85c)": what produced the numbers, from the records."""
+    tools = []
+    for rec in proto.get("evaluators", {}).values():
+        if rec.get("torch_fidelity"):
+            w = rec.get("weights")
+            wdesc = f", weights {w.get('sha256', '')[:8]}" if isinstance(w, dict) else ""
+            tools.append(f"torch-fidelity {rec['torch_fidelity']} ({rec.get('extractor', '?')}{wdesc})")
+    return "".join(f", {t}" for t in dict.fromkeys(tools))
 
 
 def _fmt(mean: float | None, std: float | None, n: int) -> str:
@@ -533,6 +574,9 @@ def _fmt(mean: float | None, std: float | None, n: int) -> str:
     return text
 
 
+MAX_TABLE_METRICS = 6  # more columns stop fitting a terminal; compare.json has every metric
+
+
 def render_table(entries: list[dict], title: str):
     from rich.table import Table
 
@@ -541,7 +585,10 @@ def render_table(entries: list[dict], title: str):
         for k in e["metrics"]:
             if k not in names and not k.endswith("_std"):
                 names.append(k)
-    t = Table(title=title, title_justify="left")
+    hidden = len(names) - MAX_TABLE_METRICS
+    names = names[:MAX_TABLE_METRICS]
+    t = Table(title=title, title_justify="left",
+              caption=f"{hidden} more metric(s) per entry in compare.json" if hidden > 0 else None)
     t.add_column("objective")
     t.add_column("sampler")
     t.add_column("NFE", justify="right")
@@ -573,7 +620,7 @@ def headline_metric(entries: list[dict], preferred: str = "fid") -> str | None:
 
 def write_plots(entries: list[dict], curves: list[dict], grids: dict, labels: Sequence[str], nfes: Sequence[int],
                 out: Path, title: str) -> dict[str, str]:
-    """grids.png (objectives x NFE sample grids) and metrics.png (metric vs NFE, metric vs step)."""
+    """grids.png (objectives x NFE previews, from samples/*.png) and metrics.png (metric vs NFE, metric vs step)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -588,7 +635,7 @@ def write_plots(entries: list[dict], curves: list[dict], grids: dict, labels: Se
                 ax = axes[i][j]
                 ax.axis("off")
                 if (lb, nfe) in grids:
-                    ax.imshow(grids[(lb, nfe)], interpolation="nearest")
+                    ax.imshow(plt.imread(grids[(lb, nfe)]), interpolation="nearest")
                 ax.set_title(f"{lb}, NFE={nfe}", fontsize=10)
         fig.tight_layout()
         fig.savefig(out / "grids.png", dpi=110)
