@@ -65,8 +65,9 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]  # (B, half)
+        dt = torch.promote_types(t.dtype, torch.float32)  # float64 inputs stay float64 (finite-difference tests)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dt) / half)
+        args = t.to(dt)[:, None] * freqs[None]  # (B, half)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

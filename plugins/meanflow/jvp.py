@@ -1,0 +1,114 @@
+"""The JVP behind MeanFlow's target (spec 2.3, 2.4): u and du/dt = d/dt u(z_t, t, r) along (v_g, 1, 0).
+
+Two modes (option `jvp_mode`):
+  single: one torch.func.jvp call returns (u, du/dt); u keeps its graph (py-meanflow's recipe).
+          Needs the unwrapped module, so DDP must be replaced by a manual all-reduce.
+  lean:   du/dt from a no-grad JVP on the r != t rows only, then u from an ordinary forward on all
+          rows (py-meanflow README's "without compile" recipe): memory near a plain step. Dropout
+          masks are shared by restoring the CPU (and CUDA) RNG state between the two passes; a
+          stochastic backbone gets its JVP on all rows so the masks line up row for row.
+Fused SDPA kernels have no forward-mode AD (pytorch #128971): the JVP runs under the math backend.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The plain module under DDP / DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
+    while True:
+        if isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            net = net.module
+        elif isinstance(getattr(net, "_orig_mod", None), nn.Module):
+            net = net._orig_mod
+        else:
+            return net
+
+
+@contextlib.contextmanager
+def math_attention(module: nn.Module):
+    """Route attention through forward-AD-capable math: SDPA's MATH backend, plus timm's `fused_attn` switch
+    (explicit softmax) as a fallback for torch builds without torch.nn.attention.sdpa_kernel."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        sdpa_kernel = None
+    if sdpa_kernel is not None:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+        return
+    flagged = [m for m in module.modules() if getattr(m, "fused_attn", False) is True]
+    for m in flagged:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.fused_attn = True
+
+
+def get_rng(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_rng(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def is_stochastic(module: nn.Module) -> bool:
+    """Training-mode dropout (or drop-path) with p > 0 anywhere in the module."""
+    if not module.training:
+        return False
+    return any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0) or (getattr(m, "drop_prob", 0) or 0) > 0
+               for m in module.modules())
+
+
+def _jvp(fn: Callable, z, t, r, v_g, fp32: bool = False):
+    """(u, du/dt) of fn(z, t, r) along tangents (v_g, 1, 0).
+
+    fp32=True switches autocast off inside the JVP (py-meanflow); False keeps the step's precision
+    (bf16 autocast in bf16 runs). In fp32 runs, the paper's setting, the two are the same.
+    """
+    ctx = torch.autocast(z.device.type, enabled=False) if fp32 else contextlib.nullcontext()
+    with ctx:
+        return torch.func.jvp(fn, (z, t, r), (v_g, torch.ones_like(t), torch.zeros_like(r)))
+
+
+def u_and_dudt(net: nn.Module, z, t, r, y, v_g, mode: str = "lean", fp32: bool = False):
+    """u = net(z, t, r, y) with gradient, and du/dt (no gradient) along (v_g, 1, 0).
+
+    `net` may be DDP-wrapped: the JVP always calls the unwrapped module; in lean mode the
+    ordinary forward for u goes through `net` itself so that DDP synchronises gradients.
+    """
+    core = unwrap(net)
+    if mode == "single":
+        with math_attention(core):
+            # always full precision: under bf16 autocast, backward through the forward-AD graph fails
+            # ("expected input and grad types to match"; torch 2.11, H200), and py-meanflow runs it in fp32
+            u, dudt = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y), z, t, r, v_g, fp32=True)
+        return u, dudt.detach()
+    if mode != "lean":
+        raise ValueError(f"jvp_mode must be 'lean' or 'single', got {mode!r}")
+    stochastic = is_stochastic(core)
+    rows = None if stochastic else (t != r).nonzero().squeeze(1)  # h = 0 rows need no du/dt (clip(h) = 0)
+    state = get_rng(z.device)
+    dudt = torch.zeros_like(z)
+    if rows is None or rows.numel() > 0:
+        pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a.index_select(0, rows))
+        y_sub = pick(y)
+        with torch.no_grad(), math_attention(core):
+            _, d = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y_sub), pick(z), pick(t), pick(r), pick(v_g), fp32)
+        if rows is None:
+            dudt = d
+        else:
+            dudt = dudt.index_copy(0, rows, d.to(dudt.dtype))
+    set_rng(state, z.device)  # the forward below draws the dropout masks the JVP drew
+    with (math_attention(core) if stochastic else contextlib.nullcontext()):  # same kernel -> same attention-dropout masks
+        u = net(z, t, r, y)
+    return u, dudt

@@ -1,0 +1,134 @@
+"""MeanFlow (Geng et al. 2025, official JAX code Gsunshine/meanflow) in fewstep's convention (spec 2).
+
+The network predicts the average velocity u(z_t, t, r) = 1/(t - r) int_r^t v dtau as net(z, t, s=r, y)
+(the DiT embeds t and the gap h = t - r). With z = (1 - t) x + t e and v = e - x (spec 2.3):
+    v_g       = guided velocity (2.5; v outside the CFG interval and on class-dropped rows)
+    u, du/dt  = JVP of (z, t, r) -> u(z, t, r, y_in) along tangents (v_g, 1, 0)      (2.4, jvp.py)
+    u_tgt     = sg(v_g - clip(t - r, 0, 1) du/dt)
+    err_i     = sum over elements of (u - u_tgt)^2            (SUM, not mean)
+    loss      = mean_i err_i / sg((err_i + eps)^p)
+Randomness (t, r, e, class drop) is drawn in `loss`; `loss_core` is deterministic given it.
+"""
+from __future__ import annotations
+
+import torch
+
+from fewstep.interfaces import Batch, BuildContext, LossOutput, Objective
+from fewstep.path import expand_like, interpolate, logit_normal, velocity
+
+from .jvp import u_and_dudt, unwrap
+
+
+def leading_or_random(b: int, share: float, rows: str, device) -> torch.Tensor:
+    """Bool mask (B,) selecting `share` of the rows: the first int(share B) by index, or Bernoulli(share)."""
+    if rows == "random":
+        return torch.rand(b, device=device) < share
+    return torch.arange(b, device=device) < int(share * b)
+
+
+class MeanFlow(Objective):
+    default_sampler = "meanflow"
+
+    def __init__(self, ctx: BuildContext, time_sampler: str = "sorted", t_mean: float = -0.4, t_std: float = 1.0,
+                 r_mean: float = -0.4, r_std: float = 1.0, fm_share: float = 0.75, fm_rows: str = "first",
+                 p: float = 1.0, eps: float = 0.01, omega: float = 1.0, kappa: float = 0.5, cfg_t_min: float = 0.0,
+                 cfg_t_max: float = 1.0, class_drop: float = 0.1, drop_rows: str = "first", jvp_mode: str = "lean",
+                 jvp_fp32: bool = False):
+        super().__init__(ctx)
+        if cfg_t_min > cfg_t_max:
+            raise ValueError(f"cfg_t_min = {cfg_t_min} must be <= cfg_t_max = {cfg_t_max}")
+        if jvp_mode not in ("lean", "single"):
+            raise ValueError(f"jvp_mode must be 'lean' or 'single', got {jvp_mode!r}")
+        self.time_sampler, self.t_mean, self.t_std, self.r_mean, self.r_std = time_sampler, t_mean, t_std, r_mean, r_std
+        self.fm_share, self.fm_rows = fm_share, fm_rows
+        self.p, self.eps = p, eps
+        self.omega, self.kappa, self.cfg_t_min, self.cfg_t_max = omega, kappa, cfg_t_min, cfg_t_max
+        self.class_drop, self.drop_rows = class_drop, drop_rows
+        self.jvp_mode = jvp_mode
+        self.jvp_fp32 = jvp_fp32
+        # single: torch.func.jvp calls the unwrapped module for u too, so the engine must all-reduce grads by hand;
+        # lean: u comes from an ordinary forward through the DDP wrapper, which syncs as usual.
+        self.manual_grad_sync = jvp_mode == "single"
+        self.num_classes = ctx.data.num_classes if ctx.data is not None else 0
+        self.null = ctx.data.null_class if ctx.data is not None else 0
+
+    # -- randomness ---------------------------------------------------------------------------
+    def sample_tr(self, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, r), r <= t (spec 2.2): 'sorted' = official sample_tr / CIFAR v0; 'min' = CIFAR v1."""
+        t = logit_normal(b, self.t_mean, self.t_std, device)
+        r = logit_normal(b, self.r_mean, self.r_std, device)
+        if self.time_sampler == "sorted":
+            t, r = torch.maximum(t, r), torch.minimum(t, r)
+        r = torch.where(leading_or_random(b, self.fm_share, self.fm_rows, device), t, r)  # data_proportion: r = t
+        return t, torch.minimum(t, r)  # 'min' (v1): r = min(t, r) after the mask; a no-op for 'sorted'
+
+    def drop_mask(self, b: int, device) -> torch.Tensor:
+        """Class-dropped rows (spec 2.5): official num_drop = #(rand < p), then the FIRST num_drop rows."""
+        if self.drop_rows == "random":
+            return torch.rand(b, device=device) < self.class_drop
+        num_drop = int((torch.rand(b, device=device) < self.class_drop).sum())
+        return torch.arange(b, device=device) < num_drop
+
+    # -- the deterministic pieces --------------------------------------------------------------
+    def guided_velocity(self, net, z, v, t, y, drop=None) -> torch.Tensor:
+        """v_g = omega v + (1 - omega - kappa) v_u + kappa v_c for t in [cfg_t_min, cfg_t_max], else v (spec 2.5).
+
+        v_c = u(z, t, t, y), v_u = u(z, t, t, NULL): no gradient, eval mode (official train=False); computed only
+        on the rows that use them (dropped rows keep v_g = v).
+        """
+        if y is None or (self.omega == 1.0 and self.kappa == 0.0):
+            return v
+        on = (t >= self.cfg_t_min) & (t <= self.cfg_t_max)
+        if drop is not None:
+            on = on & ~drop
+        rows = on.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return v
+        core = unwrap(net)
+        was_training = core.training
+        core.eval()
+        try:
+            with torch.no_grad():
+                z_, t_, y_ = z[rows], t[rows], y[rows]
+                both = core(torch.cat([z_, z_]), torch.cat([t_, t_]), torch.cat([t_, t_]),
+                            torch.cat([y_, torch.full_like(y_, self.null)]))
+        finally:
+            core.train(was_training)
+        v_c, v_u = both.to(v.dtype).chunk(2)
+        g = self.omega * v[rows] + (1 - self.omega - self.kappa) * v_u + self.kappa * v_c
+        return v.index_copy(0, rows, g)
+
+    def weighted_loss(self, u: torch.Tensor, u_tgt: torch.Tensor) -> LossOutput:
+        """Adaptive weighting (spec 2.3): err summed over elements, w = 1 / sg(err + eps)^p, mean over rows."""
+        delta = u - u_tgt.detach()
+        delta = delta.to(torch.promote_types(delta.dtype, torch.float32))  # bf16 autocast: weigh in float32
+        err = delta.pow(2).flatten(1).sum(1)  # (B,)
+        w = (err.detach() + self.eps).pow(-self.p)
+        loss = (w * err).mean()
+        # raw errors: with p = 1 the weighted loss sits near 1 whatever the error (zhuyu-cs/MeanFlow #9)
+        return LossOutput(loss, {"mse": (err / delta[0].numel()).mean().detach(), "sq_err_sum": err.mean().detach()})
+
+    def loss_core(self, net, x0, e, t, r, y=None, drop=None) -> LossOutput:
+        """The MeanFlow loss given all its randomness: data x0, noise e, times t >= r (B,), labels y, drop mask."""
+        z = interpolate(x0, e, t)
+        v = velocity(x0, e)
+        v_g = self.guided_velocity(net, z, v, t, y, drop)
+        y_in = y if (y is None or drop is None) else torch.where(drop, torch.full_like(y, self.null), y)
+        u, dudt = u_and_dudt(net, z, t, r, y_in, v_g, self.jvp_mode, self.jvp_fp32)
+        h = expand_like((t - r).clamp(0, 1), z)
+        u_tgt = (v_g - h * dudt.to(v_g.dtype)).detach()
+        return self.weighted_loss(u, u_tgt)
+
+    # -- the Objective contract ----------------------------------------------------------------
+    def loss(self, net, batch: Batch, step: int) -> LossOutput:
+        x0 = batch.x
+        b = x0.shape[0]
+        t, r = self.sample_tr(b, x0.device)
+        e = torch.randn_like(x0)
+        y = batch.y if (self.num_classes > 0 and batch.y is not None) else None  # unconditional: CFG off
+        drop = self.drop_mask(b, x0.device) if (y is not None and self.class_drop > 0) else None
+        return self.loss_core(net, x0, e, t.to(x0.dtype), r.to(x0.dtype), y, drop)
+
+    def flow_map(self, net, x, t, s, y):
+        """z_s = z_t - (t - s) u(z_t, t, s): exact identity at s = t."""
+        return x - expand_like(t - s, x) * net(x, t, s, y)
