@@ -675,6 +675,22 @@ def write_plots(entries: list[dict], curves: list[dict], grids: dict, labels: Se
     return files
 
 
+def evaluator_plots(entries: list[dict], evaluators: dict[str, Evaluator], nfes: Sequence[int], out: Path) -> dict[str, str]:
+    """Pictures an evaluator draws itself: an optional `plot(results, path)` method receives
+    {objective: {metric: mean}} at the smallest NFE (e.g. gmm-exact's flow-map error heat maps)."""
+    files: dict[str, str] = {}
+    nfe0 = min(nfes)
+    results = {e["objective"]: {k: v["mean"] for k, v in e["metrics"].items() if v["mean"] is not None}
+               for e in entries if e["nfe"] == nfe0}
+    for name, ev in evaluators.items():
+        plot = getattr(ev, "plot", None)
+        if callable(plot) and results:
+            path = plot(results, out / f"{_file_slug(name)}.png")
+            if path is not None:
+                files[f"plot_{name}"] = Path(path).name
+    return files
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Atomic, strict JSON (NaN/inf become null)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -718,6 +734,7 @@ def run_compare(spec: CompareSpec, console: Any, runs: Sequence[Path] = (), regi
     n_seeds = len({r.seed for r in refs}) if not runs else max(sum(1 for r in refs if r.label == lb) for lb in labels)
     title = title_of(spec, proto, n_seeds, bool(runs))
     files = write_plots(entries, curves, grids, labels, spec.nfes, spec.out, title)
+    files.update(evaluator_plots(entries, evaluators, spec.nfes, spec.out))
     payload = {
         "title": title,
         "protocol": {

@@ -130,7 +130,7 @@ def test_exact_solution_is_soflows_optimum():
     assert q.std(0).min() > 0.1  # it is noise, not zero, row by row
 
 
-def test_gmm_source_and_evaluator_on_a_model_that_is_the_exact_map():
+def test_gmm_source_and_evaluator_on_a_model_that_is_the_exact_map(tmp_path):
     data = GMMSource(BuildContext(), components=4, dim=2, std=0.2, num_samples=2000)
     assert data.spec.shape == (2,) and data.spec.num_classes == 0
 
@@ -148,3 +148,6 @@ def test_gmm_source_and_evaluator_on_a_model_that_is_the_exact_map():
     collapsed = data.mixture.means[0].expand(2000, 2).float() + 0.01 * torch.randn(2000, 2)
     bad = ev.evaluate(collapsed, ref, data=data)
     assert bad["mode_tv"] > 0.7 and bad["sliced_w2"] > 5 * res["sliced_w2"]
+    heat = ev.plot({"exact": res, "zero": {k: 1.0 for k in res if k.startswith("fmap_err_t")}}, tmp_path / "h.png")
+    assert heat.stat().st_size > 1000
+    assert ev.plot({"no-model": bad}, tmp_path / "none.png") is None  # nothing to draw without flow-map errors

@@ -69,8 +69,13 @@ class GMMExact(Evaluator):
                 res["fmap_err_mean"] = sum(errs.values()) / len(errs)
         return res
 
-    def plot_errors(self, results: dict[str, dict[str, float]], path: Path) -> Path:
-        """Heat maps of the flow-map error over (t, s), one panel per model (results: name -> evaluate() output)."""
+    def plot(self, results: dict[str, dict[str, float]], path: Path) -> Path | None:
+        """Heat maps of the flow-map error over (t, s), one panel per model (results: name -> evaluate() output).
+
+        `fewstep compare` calls this with every objective's metrics (docs/compare.md)."""
+        results = {k: v for k, v in results.items() if any(m.startswith("fmap_err_t") for m in v)}
+        if not results:
+            return None
         import matplotlib
 
         matplotlib.use("Agg")
