@@ -92,10 +92,6 @@ class Objective(abc.ABC):
         """Called once on a fresh run (never on resume), after the backbone is built and before
         the optimizer and EMA copies exist, e.g. to load warm-start weights. Default: nothing."""
 
-    def trainable_state(self) -> dict[str, "Tensor"]:
-        """Extra tensors an objective trains or tracks (saved in checkpoints). Usually none."""
-        return {}
-
 
 class Sampler(abc.ABC):
     """Turns noise into data with a fixed number of network evaluations."""
