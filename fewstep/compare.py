@@ -147,11 +147,10 @@ def load_ema_into(loaded, ckpt_dir: Path, ema_index: int = 0) -> None:
     """Put checkpoint `ckpt_dir`'s EMA copy `ema_index` into the loaded run's network."""
     from .engine import checkpoint as ckpt
 
-    flat = ckpt.load_weights(ckpt_dir / "ema.safetensors", loaded.device)
-    prefix = f"ema{ema_index}."
-    state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-    if not state:
-        raise CompareError(f"{ckpt_dir} has no EMA copy {ema_index}")
+    try:
+        state = ckpt.load_ema_weights(ckpt_dir, ema_index, loaded.device)
+    except FileNotFoundError as exc:
+        raise CompareError(str(exc)) from None
     loaded.net.load_state_dict(state)
     loaded.net.eval()
 

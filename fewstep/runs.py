@@ -37,11 +37,7 @@ def load_model(run_dir: str | Path, ema_index: int = 0, device: str = "auto", re
     if ema_index < 0:
         state = ckpt.load_weights(latest / "model.safetensors", dev)
     else:
-        flat = ckpt.load_weights(latest / "ema.safetensors", dev)
-        prefix = f"ema{ema_index}."
-        state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-        if not state:
-            raise FileNotFoundError(f"{latest} has no EMA copy {ema_index}")
+        state = ckpt.load_ema_weights(latest, ema_index, dev)
     comps.net.load_state_dict(state)
     comps.net.eval()
     return LoadedRun(recipe, comps.net, comps.objective, comps.sampler, comps.data, dev, latest)

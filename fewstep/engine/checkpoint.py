@@ -103,5 +103,15 @@ def load_weights(path: Path, device: torch.device | str = "cpu") -> dict[str, to
     return load_file(str(path), device=str(device))
 
 
+def load_ema_weights(ckpt: Path, index: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict of EMA copy `index` (train.ema[index]) of checkpoint folder `ckpt`."""
+    prefix = f"ema{index}."
+    flat = load_weights(ckpt / "ema.safetensors", device)
+    state = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    if not state:
+        raise FileNotFoundError(f"{ckpt} has no EMA copy {index}")
+    return state
+
+
 def load_state(ckpt: Path) -> dict[str, Any]:
     return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)

@@ -63,10 +63,10 @@ def first_ema_weights(run: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
         if found is None:
             raise FileNotFoundError(f"ect init_from: {path} is neither a fewstep run folder with a checkpoint "
                                     f"nor a checkpoint folder holding ema.safetensors")
-    flat = ckpt.load_weights(found / "ema.safetensors")
-    state = {k[len("ema0."):]: v for k, v in flat.items() if k.startswith("ema0.")}
-    if not state:
-        raise FileNotFoundError(f"ect init_from: {found / 'ema.safetensors'} holds no EMA copy 0")
+    try:
+        state = ckpt.load_ema_weights(found, 0)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"ect init_from: {exc}") from None
     return state, found
 
 
