@@ -72,6 +72,8 @@ def main() -> None:
                                                         "meanflow:jvp_mode=single", "ect"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the backbone for every objective "
+                    "(as the recipe option train.compile does)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -107,11 +109,12 @@ def main() -> None:
         if hasattr(obj, "prepare"):
             obj.prepare(net)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=True)
+        model = torch.compile(net) if args.compile else net
         auto = torch.autocast("cuda", dtype=torch.bfloat16) if args.precision == "bf16" else torch.autocast("cuda", enabled=False)
 
         def step(i):
             with auto:
-                out = obj.loss(net, batches[i % len(batches)], i)
+                out = obj.loss(model, batches[i % len(batches)], i)
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -134,7 +137,8 @@ def main() -> None:
             rows.append({"objective": text, "ms_per_step": float("nan"), "ms_spread": float("nan"),
                          "peak_gib": float("nan"), "loss_finite": False, "oom": True, "params_m": float("nan")})
             print(json.dumps(rows[-1]), flush=True)
-            del net, obj, opt
+            del net, obj, opt, model
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
             continue
         peak = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -143,12 +147,14 @@ def main() -> None:
                      "peak_gib": peak, "loss_finite": bool(torch.isfinite(torch.tensor(loss))),
                      "params_m": sum(p.numel() for p in net.parameters()) / 1e6})
         print(json.dumps(rows[-1]), flush=True)
-        del net, obj, opt
+        del net, obj, opt, model
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
 
     base = next((r for r in rows if r["objective"] == "fm"), rows[0])
     total_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
-    lines = [f"card: {card}; torch {torch.__version__}; DiT-{args.size}, batch {args.batch}, {args.precision}; "
+    compiled = ", backbone torch.compile'd" if args.compile else ""
+    lines = [f"card: {card}; torch {torch.__version__}; DiT-{args.size}, batch {args.batch}, {args.precision}{compiled}; "
              f"median of {args.steps} steps after {args.warmup} warm-up",
              f"forward-mode AD through fused SDPA on this device: {jvp_fused}", "",
              "| objective | ms/step | x FM | peak GiB | x FM |", "|---|---:|---:|---:|---:|"]

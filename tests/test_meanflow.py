@@ -132,13 +132,14 @@ def test_class_drop_first_rows_by_index():
 
 
 # -- the JVP (spec 2.4, 7.8) -------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["backbone", "torch"])
 @pytest.mark.parametrize("mode", ["single", "lean"])
-def test_jvp_matches_central_difference(mode, f64_time_features):
+def test_jvp_matches_central_difference(mode, impl, f64_time_features):
     net = small_dit()
     x0, e, t, r, y, _ = fixed_batch()
     z = interpolate(x0, e, t)
     v_g = torch.randn_like(z)
-    u, dudt = u_and_dudt(net, z, t, r, y, v_g, mode)
+    u, dudt = u_and_dudt(net, z, t, r, y, v_g, mode, impl=impl)
     with torch.no_grad():
         torch.testing.assert_close(u, net(z, t, r, y), rtol=1e-12, atol=1e-12)
         h = 1e-5
@@ -153,15 +154,16 @@ def test_jvp_matches_central_difference(mode, f64_time_features):
         assert (dudt[~off] - fd[~off]).norm() / fd[~off].norm() < 1e-4
 
 
+@pytest.mark.parametrize("impl", ["backbone", "torch"])
 @pytest.mark.parametrize("mode", ["single", "lean"])
-def test_fused_attention_dit_works_inside_the_jvp(mode):
+def test_fused_attention_dit_works_inside_the_jvp(mode, impl):
     fused = small_dit(torch.float32, attention="fused")
     math_net = small_dit(torch.float32, attention="math")
     x0, e, t, r, y, _ = fixed_batch(dtype=torch.float32)
     z = interpolate(x0, e, t)
     v_g = torch.randn_like(z)
-    u, dudt = u_and_dudt(fused, z, t, r, y, v_g, mode)  # no "forward AD ... not implemented" error
-    u_ref, dudt_ref = u_and_dudt(math_net, z, t, r, y, v_g, mode)
+    u, dudt = u_and_dudt(fused, z, t, r, y, v_g, mode, impl=impl)  # no "forward AD ... not implemented" error
+    u_ref, dudt_ref = u_and_dudt(math_net, z, t, r, y, v_g, mode, impl="torch")
     torch.testing.assert_close(u, u_ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dudt, dudt_ref, rtol=1e-4, atol=1e-4)
     assert all(blk.attn.fused_attn for blk in fused.blocks)  # ordinary forwards keep the fused kernel
@@ -307,17 +309,84 @@ def test_cfg_off_when_unconditional_and_target_has_no_grad():
 # -- single vs lean (spec 2.4) ------------------------------------------------------------------
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_single_and_lean_give_the_same_gradient(dropout):
+    """Every execution path gives one loss and one gradient: JVP mode x JVP implementation x CFG reuse
+    (with dropout the backbone JVP and the reuse step aside: 'auto' falls back to torch.func.jvp)."""
     x0, e, t, r, y, drop = fixed_batch(b=10)
     out = {}
     for mode in ("single", "lean"):
-        net = small_dit(dropout=dropout)
-        torch.manual_seed(7)  # the same dropout masks in both modes
-        res = MeanFlow(CTX, jvp_mode=mode).loss_core(net, x0, e, t, r, y, drop)
-        res.loss.backward()
-        out[mode] = (res.loss.detach(), grads(net))
-    torch.testing.assert_close(out["single"][0], out["lean"][0], rtol=1e-12, atol=1e-12)
-    for k in out["single"][1]:
-        torch.testing.assert_close(out["single"][1][k], out["lean"][1][k], rtol=1e-9, atol=1e-12)
+        for impl in ("torch", "auto"):
+            for reuse in (False, True):
+                net = small_dit(dropout=dropout)
+                torch.manual_seed(7)  # the same dropout masks in every run
+                res = MeanFlow(CTX, jvp_mode=mode, jvp_impl=impl, reuse_u_for_cfg=reuse).loss_core(net, x0, e, t, r, y, drop)
+                res.loss.backward()
+                out[mode, impl, reuse] = (res.loss.detach(), grads(net))
+    ref_loss, ref_grads = out["single", "torch", False]
+    assert ref_loss > 0
+    for key, (loss, g) in out.items():
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12, msg=str(key))
+        for k in ref_grads:
+            torch.testing.assert_close(g[k], ref_grads[k], rtol=1e-9, atol=1e-12, msg=f"{key} {k}")
+
+
+class CountingDiT(torch.nn.Module):
+    """A DiT that records the rows and the label of every plain forward (not forward_jvp)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, t, s, y):
+        self.calls.append((self.training, y.clone()))
+        return self.net(x, t, s, y)
+
+    def forward_jvp(self, *args):
+        return self.net.forward_jvp(*args)
+
+
+def test_cfg_reuse_skips_v_c_on_r_equals_t_rows():
+    """With reuse, the guidance forward computes v_c only on the guided r != t rows (v_u on all guided rows);
+    without it, v_c on every guided row: 2 x 9 rows against 9 + 5 (b = 10, row 0 dropped, rows 5-9 have r != t)."""
+    x0, e, t, r, y, drop = fixed_batch(b=10)
+    for reuse, rows in ((False, 18), (True, 14)):
+        net = CountingDiT(small_dit())
+        MeanFlow(CTX, reuse_u_for_cfg=reuse).loss_core(net, x0, e, t, r, y, drop)
+        (train0, y0), (train1, y1) = net.calls  # the guidance forward (eval), then the u forward (train)
+        assert not train0 and train1
+        assert y0.numel() == rows and int((y0 == 3).sum()) == 9  # 9 null-label (v_u) rows either way
+        assert y1.numel() == 10
+
+
+def test_backbone_jvp_needs_a_deterministic_backbone_with_forward_jvp():
+    from fewstep_plugins.meanflow.jvp import use_backbone_jvp
+
+    x0, e, t, r, y, drop = fixed_batch()
+    z = interpolate(x0, e, t)
+    assert use_backbone_jvp(small_dit(), "auto") and not use_backbone_jvp(small_dit(), "torch")
+    assert not use_backbone_jvp(small_dit(dropout=0.2), "auto")  # falls back to torch.func.jvp
+    with pytest.raises(ValueError, match="no forward_jvp"):
+        u_and_dudt(TinyAttnNet().double(), z, t, r, y, z, impl="backbone")
+    with pytest.raises(ValueError, match="deterministic"):
+        u_and_dudt(small_dit(dropout=0.2), z, t, r, y, z, impl="backbone")
+    with pytest.raises(ValueError, match="jvp_impl"):
+        MeanFlow(CTX, jvp_impl="forward-ad")
+
+
+@pytest.mark.parametrize("mode", ["single", "lean"])
+def test_backbone_jvp_under_bf16_autocast(mode):
+    """bf16 autocast (CPU): the hand-written JVP runs, its backward works in single mode (torch.func.jvp's does
+    not under autocast), and du/dt stays within bf16 rounding of the float32 value."""
+    net = small_dit(torch.float32)
+    x0, e, t, r, y, _ = fixed_batch(dtype=torch.float32)
+    z = interpolate(x0, e, t)
+    v_g = torch.randn_like(z)
+    _, ref = u_and_dudt(net, z, t, r, y, v_g, mode, impl="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u, dudt = u_and_dudt(net, z, t, r, y, v_g, mode, impl="backbone")
+    u.float().pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+    off = t != r
+    assert (dudt[off].float() - ref[off]).norm() / ref[off].norm() < 3e-2
 
 
 # -- the sampler (spec 2.7, 7.3, 7.9) -----------------------------------------------------------

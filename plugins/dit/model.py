@@ -161,6 +161,17 @@ class DiT(nn.Module):
         x = x.reshape(b, g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, g * p, g * p)  # (B, C, H, W)
 
+    def forward_jvp(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None,
+                    dx: torch.Tensor, dt: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(net(x, t, s, y), its derivative along (dx, dt, ds)) in one pass, without forward-mode AD (jvp.py).
+
+        The output equals forward() and keeps its graph; the tangent carries no gradient. Needs a
+        deterministic module (no active dropout). MeanFlow uses it for du/dt when the backbone has it.
+        """
+        from .jvp import dit_jvp
+
+        return dit_jvp(self, x, t, s, y, dx, dt, ds)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0]
         assert t.shape == (b,) and s.shape == (b,), f"t and s must be (B,), got {tuple(t.shape)}, {tuple(s.shape)}"

@@ -41,6 +41,16 @@ OPTIONS = [
     Option("jvp_mode", str, "lean", "lean: no-grad JVP on the r != t rows + an ordinary forward for u (memory near a "
            "plain step, DDP syncs as usual); single: one torch.func.jvp returning (u, du/dt) with gradient through u "
            "(py-meanflow; grads all-reduced by hand)", choices=("lean", "single")),
+    Option("jvp_impl", str, "auto", "auto: the backbone's hand-written forward_jvp when it has one and is "
+           "deterministic (the DiT does: exact, no forward-mode AD, fused attention kept), else torch.func.jvp; "
+           "backbone: require forward_jvp; torch: always torch.func.jvp (attention on the math path)",
+           choices=("auto", "backbone", "torch")),
+    Option("jvp_compile", str, "auto", "torch.compile the backbone's forward_jvp (plain ops, so inductor fuses the "
+           "tangent's elementwise work): auto = on CUDA devices only, on, off. No effect with torch.func.jvp",
+           choices=("auto", "on", "off")),
+    Option("reuse_u_for_cfg", bool, True, "on r = t rows take the CFG conditional velocity v_c = u(z, t, t, y) from "
+           "the u forward itself (the same function: the official code evaluates it in eval mode, which is the "
+           "same network when no dropout is active) instead of a separate forward; ignored when dropout is active"),
     Option("jvp_fp32", bool, False, "run the JVP with autocast off, as py-meanflow does; False keeps the step's "
            "precision (bf16 under bf16 autocast). The same in fp32 runs, the paper's setting"),
 ]

@@ -7,11 +7,15 @@ Two modes (option `jvp_mode`):
           rows (py-meanflow README's "without compile" recipe): memory near a plain step. Dropout
           masks are shared by restoring the CPU (and CUDA) RNG state between the two passes; a
           stochastic backbone gets its JVP on all rows so the masks line up row for row.
-Fused SDPA kernels have no forward-mode AD (pytorch #128971): the JVP runs under the math backend.
+Two implementations (option `jvp_impl`): torch.func.jvp, or the backbone's own hand-written
+`forward_jvp` (the DiT has one: plugins/dit/jvp.py), which needs no forward-mode AD and keeps the fused
+attention kernel for the primal. Fused SDPA kernels have no forward-mode AD (pytorch #128971):
+torch.func.jvp runs attention under the math backend.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable
 
 import torch
@@ -27,6 +31,13 @@ def unwrap(net: nn.Module) -> nn.Module:
             net = net._orig_mod
         else:
             return net
+
+
+def strip_ddp(net: nn.Module) -> nn.Module:
+    """The module under DDP / DataParallel wrappers, keeping a torch.compile wrapper (for no-grad forwards)."""
+    while isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        net = net.module
+    return net
 
 
 @contextlib.contextmanager
@@ -80,21 +91,65 @@ def _jvp(fn: Callable, z, t, r, v_g, fp32: bool = False):
         return torch.func.jvp(fn, (z, t, r), (v_g, torch.ones_like(t), torch.zeros_like(r)))
 
 
-def u_and_dudt(net: nn.Module, z, t, r, y, v_g, mode: str = "lean", fp32: bool = False):
+def use_backbone_jvp(core: nn.Module, impl: str) -> bool:
+    """Whether du/dt comes from the backbone's own `forward_jvp` (impl 'auto' when it has one and is deterministic)."""
+    if impl not in ("auto", "backbone", "torch"):
+        raise ValueError(f"jvp_impl must be 'auto', 'backbone' or 'torch', got {impl!r}")
+    has = callable(getattr(core, "forward_jvp", None))
+    if impl == "backbone":
+        if not has:
+            raise ValueError(f"jvp_impl = 'backbone' but {type(core).__name__} has no forward_jvp method; "
+                             "use jvp_impl = 'auto' or 'torch' (torch.func.jvp)")
+        if is_stochastic(core):
+            raise ValueError("jvp_impl = 'backbone' needs a deterministic backbone (dropout is active); use 'auto' "
+                             "or 'torch', whose JVP replays the dropout masks")
+        return True
+    return impl == "auto" and has and not is_stochastic(core)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def backbone_jvp(core: nn.Module, compile: str, device: torch.device) -> Callable:
+    """core.forward_jvp, or its torch.compile'd version (compile 'on', or 'auto' on CUDA): plain tensor ops, no
+    forward-mode AD, so inductor can fuse the tangent's elementwise work into few kernels. One compiled function
+    per module class, called with the module as its first argument (compiled once, guarded by dynamo)."""
+    if compile not in ("auto", "on", "off"):
+        raise ValueError(f"jvp_compile must be 'auto', 'on' or 'off', got {compile!r}")
+    if compile == "off" or (compile == "auto" and device.type != "cuda"):
+        return core.forward_jvp
+    fn = type(core).forward_jvp
+    compiled = _COMPILED.get(core)
+    if compiled is None:
+        compiled = _COMPILED[core] = torch.compile(fn)
+    return lambda *args: compiled(core, *args)
+
+
+def u_and_dudt(net: nn.Module, z, t, r, y, v_g, mode: str = "lean", fp32: bool = False, impl: str = "auto",
+               compile: str = "off"):
     """u = net(z, t, r, y) with gradient, and du/dt (no gradient) along (v_g, 1, 0).
 
     `net` may be DDP-wrapped: the JVP always calls the unwrapped module; in lean mode the
     ordinary forward for u goes through `net` itself so that DDP synchronises gradients.
+    impl: 'torch' = torch.func.jvp (attention on the math path); 'backbone' = the backbone's hand-written
+    `forward_jvp(x, t, s, y, dx, dt, ds)` (DiT: plugins/dit/jvp.py, exact, no forward-mode AD); 'auto' = the
+    backbone's when it has one and is deterministic, else torch.func.jvp. compile: torch.compile the
+    backbone's forward_jvp ('auto': on CUDA only; torch.func.jvp itself does not compile on torch 2.11).
     """
+    if mode not in ("lean", "single"):
+        raise ValueError(f"jvp_mode must be 'lean' or 'single', got {mode!r}")
     core = unwrap(net)
+    hand = use_backbone_jvp(core, impl)
     if mode == "single":
+        if hand:
+            with (torch.autocast(z.device.type, enabled=False) if fp32 else contextlib.nullcontext()):
+                u, dudt = backbone_jvp(core, compile, z.device)(z, t, r, y, v_g, torch.ones_like(t), torch.zeros_like(r))
+            return u, dudt.detach()
         with math_attention(core):
             # always full precision: under bf16 autocast, backward through the forward-AD graph fails
             # ("expected input and grad types to match"; torch 2.11, H200), and py-meanflow runs it in fp32
             u, dudt = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y), z, t, r, v_g, fp32=True)
         return u, dudt.detach()
-    if mode != "lean":
-        raise ValueError(f"jvp_mode must be 'lean' or 'single', got {mode!r}")
     stochastic = is_stochastic(core)
     rows = None if stochastic else (t != r).nonzero().squeeze(1)  # h = 0 rows need no du/dt (clip(h) = 0)
     state = get_rng(z.device)
@@ -102,8 +157,14 @@ def u_and_dudt(net: nn.Module, z, t, r, y, v_g, mode: str = "lean", fp32: bool =
     if rows is None or rows.numel() > 0:
         pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a.index_select(0, rows))
         y_sub = pick(y)
-        with torch.no_grad(), math_attention(core):
-            _, d = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y_sub), pick(z), pick(t), pick(r), pick(v_g), fp32)
+        if hand:
+            with torch.no_grad(), (torch.autocast(z.device.type, enabled=False) if fp32 else contextlib.nullcontext()):
+                t_sub, r_sub = pick(t), pick(r)
+                _, d = backbone_jvp(core, compile, z.device)(pick(z), t_sub, r_sub, y_sub, pick(v_g),
+                                                             torch.ones_like(t_sub), torch.zeros_like(r_sub))
+        else:
+            with torch.no_grad(), math_attention(core):
+                _, d = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y_sub), pick(z), pick(t), pick(r), pick(v_g), fp32)
         if rows is None:
             dudt = d
         else:

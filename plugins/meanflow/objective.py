@@ -16,7 +16,7 @@ import torch
 from fewstep.interfaces import Batch, BuildContext, LossOutput, Objective
 from fewstep.path import expand_like, interpolate, logit_normal, velocity
 
-from .jvp import u_and_dudt, unwrap
+from .jvp import is_stochastic, strip_ddp, u_and_dudt, unwrap
 
 
 def leading_or_random(b: int, share: float, rows: str, device) -> torch.Tensor:
@@ -33,7 +33,7 @@ class MeanFlow(Objective):
                  r_mean: float = -0.4, r_std: float = 1.0, fm_share: float = 0.75, fm_rows: str = "first",
                  p: float = 1.0, eps: float = 0.01, omega: float = 1.0, kappa: float = 0.5, cfg_t_min: float = 0.0,
                  cfg_t_max: float = 1.0, class_drop: float = 0.1, drop_rows: str = "first", jvp_mode: str = "lean",
-                 jvp_fp32: bool = False):
+                 jvp_impl: str = "auto", jvp_compile: str = "auto", reuse_u_for_cfg: bool = True, jvp_fp32: bool = False):
         super().__init__(ctx)
         if cfg_t_min > cfg_t_max:
             raise ValueError(f"cfg_t_min = {cfg_t_min} must be <= cfg_t_max = {cfg_t_max}")
@@ -44,7 +44,12 @@ class MeanFlow(Objective):
         self.p, self.eps = p, eps
         self.omega, self.kappa, self.cfg_t_min, self.cfg_t_max = omega, kappa, cfg_t_min, cfg_t_max
         self.class_drop, self.drop_rows = class_drop, drop_rows
-        self.jvp_mode = jvp_mode
+        if jvp_impl not in ("auto", "backbone", "torch"):
+            raise ValueError(f"jvp_impl must be 'auto', 'backbone' or 'torch', got {jvp_impl!r}")
+        if jvp_compile not in ("auto", "on", "off"):
+            raise ValueError(f"jvp_compile must be 'auto', 'on' or 'off', got {jvp_compile!r}")
+        self.jvp_mode, self.jvp_impl, self.reuse_u_for_cfg = jvp_mode, jvp_impl, reuse_u_for_cfg
+        self.jvp_compile = jvp_compile
         self.jvp_fp32 = jvp_fp32
         # single: torch.func.jvp calls the unwrapped module for u too, so the engine must all-reduce grads by hand;
         # lean: u comes from an ordinary forward through the DDP wrapper, which syncs as usual.
@@ -76,27 +81,41 @@ class MeanFlow(Objective):
         v_c = u(z, t, t, y), v_u = u(z, t, t, NULL): no gradient, eval mode (official train=False); computed only
         on the rows that use them (dropped rows keep v_g = v).
         """
+        return self._guidance(net, z, v, t, y, drop)[0]
+
+    def _guidance(self, net, z, v, t, y, drop=None, later=None):
+        """(v_g, pending). Guided rows in the bool mask `later` get v_c from the caller: here they receive
+        omega v + (1 - omega - kappa) v_u, and `pending` (bool, B) marks them for the caller's + kappa v_c."""
         if y is None or (self.omega == 1.0 and self.kappa == 0.0):
-            return v
+            return v, None
         on = (t >= self.cfg_t_min) & (t <= self.cfg_t_max)
         if drop is not None:
             on = on & ~drop
         rows = on.nonzero().squeeze(1)
         if rows.numel() == 0:
-            return v
+            return v, None
+        need_c = on if later is None else on & ~later
+        c_rows = need_c.nonzero().squeeze(1)
         core = unwrap(net)
         was_training = core.training
         core.eval()
         try:
-            with torch.no_grad():
-                z_, t_, y_ = z[rows], t[rows], y[rows]
-                both = core(torch.cat([z_, z_]), torch.cat([t_, t_]), torch.cat([t_, t_]),
-                            torch.cat([y_, torch.full_like(y_, self.null)]))
+            with torch.no_grad():  # one forward: v_c on c_rows (label y), v_u on all guided rows (null label)
+                zz = torch.cat([z.index_select(0, c_rows), z.index_select(0, rows)])
+                tt = torch.cat([t.index_select(0, c_rows), t.index_select(0, rows)])
+                yy = torch.cat([y.index_select(0, c_rows), torch.full_like(rows, self.null, dtype=y.dtype)])
+                both = strip_ddp(net)(zz, tt, tt, yy).to(v.dtype)  # a compiled backbone stays compiled
         finally:
             core.train(was_training)
-        v_c, v_u = both.to(v.dtype).chunk(2)
-        g = self.omega * v[rows] + (1 - self.omega - self.kappa) * v_u + self.kappa * v_c
-        return v.index_copy(0, rows, g)
+        v_c_part, v_u = both[:c_rows.numel()], both[c_rows.numel():]
+        g = self.omega * v.index_select(0, rows) + (1 - self.omega - self.kappa) * v_u
+        v_c = torch.zeros_like(g)
+        pos = torch.full((v.shape[0],), -1, dtype=torch.long, device=v.device)
+        pos[rows] = torch.arange(rows.numel(), device=v.device)  # batch row -> position among the guided rows
+        v_c = v_c.index_copy(0, pos[c_rows], v_c_part)
+        g = g + self.kappa * v_c
+        pending = None if later is None else on & later
+        return v.index_copy(0, rows, g), pending
 
     def weighted_loss(self, u: torch.Tensor, u_tgt: torch.Tensor) -> LossOutput:
         """Adaptive weighting (spec 2.3): err summed over elements, w = 1 / sg(err + eps)^p, mean over rows."""
@@ -112,9 +131,14 @@ class MeanFlow(Objective):
         """The MeanFlow loss given all its randomness: data x0, noise e, times t >= r (B,), labels y, drop mask."""
         z = interpolate(x0, e, t)
         v = velocity(x0, e)
-        v_g = self.guided_velocity(net, z, v, t, y, drop)
+        # r = t rows: v_c = u(z, t, t, y) is the u forward itself; their JVP tangent is irrelevant (h = 0)
+        reuse = self.reuse_u_for_cfg and y is not None and not is_stochastic(unwrap(net))
+        v_g, pending = self._guidance(net, z, v, t, y, drop, later=(t == r) if reuse else None)
         y_in = y if (y is None or drop is None) else torch.where(drop, torch.full_like(y, self.null), y)
-        u, dudt = u_and_dudt(net, z, t, r, y_in, v_g, self.jvp_mode, self.jvp_fp32)
+        u, dudt = u_and_dudt(net, z, t, r, y_in, v_g, self.jvp_mode, self.jvp_fp32, self.jvp_impl,
+                              self.jvp_compile)
+        if pending is not None:  # guided rows have y_in = y, so u there is v_c (without gradient)
+            v_g = torch.where(expand_like(pending, z), v_g + self.kappa * u.detach().to(v_g.dtype), v_g)
         h = expand_like((t - r).clamp(0, 1), z)
         u_tgt = (v_g - h * dudt.to(v_g.dtype)).detach()
         return self.weighted_loss(u, u_tgt)
