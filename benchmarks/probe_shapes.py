@@ -1,4 +1,8 @@
-"""Probe: does an eager forward with a new row count get slower (CPU side) once a torch.compile'd JVP has run?"""
+"""What a new row count costs an eager DiT-B/2 forward (CPU launch time and wall time), before and after a
+torch.compile'd forward_jvp has run. Why step_time.py warms up for 30 steps (docs/benchmarks.md).
+
+    PYTHONPATH=$PWD python3 benchmarks/probe_shapes.py
+"""
 import statistics, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
