@@ -483,3 +483,50 @@ def test_two_process_gloo_gradients_match_single_process(tmp_path):
         for k in ref:
             assert torch.equal(g0[k], g1[k]), (mode, k)
             torch.testing.assert_close(g0[k], ref[k], rtol=1e-9, atol=1e-12)
+
+
+# -- compiling the backbone's JVP -------------------------------------------------------------------
+def test_compiled_forward_jvp_traces_and_matches_eager(monkeypatch):
+    """jvp_compile = 'on' runs forward_jvp through torch.compile (dynamo tracing; the aot_eager backend keeps
+    this fast on CPU, inductor is what CUDA runs: docs/benchmarks.md checks it there to 9.6e-7 in fp32)."""
+    import functools
+
+    from fewstep_plugins.meanflow import jvp as J
+
+    monkeypatch.setattr(J.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(J, "_COMPILED", J.weakref.WeakKeyDictionary())
+    net = small_dit(torch.float32, attention="fused")
+    x0, e, t, r, y, drop = fixed_batch(dtype=torch.float32)
+    z = interpolate(x0, e, t)
+    v_g = torch.randn_like(z)
+    for mode in ("lean", "single"):
+        u, dudt = u_and_dudt(net, z, t, r, y, v_g, mode, compile="on")
+        u_ref, dudt_ref = u_and_dudt(net, z, t, r, y, v_g, mode, compile="off")
+        torch.testing.assert_close(dudt, dudt_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(u, u_ref, rtol=1e-5, atol=1e-6)
+        assert u.requires_grad and not dudt.requires_grad
+    assert isinstance(J._COMPILED[net], J._CompiledJVP) and not J._COMPILED[net].failed
+
+
+def test_compile_failure_falls_back_under_auto_and_raises_under_on(monkeypatch):
+    from fewstep_plugins.meanflow import jvp as J
+
+    def broken_compile(fn):
+        def run(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("Cannot find a working triton"), None)
+        return run
+
+    monkeypatch.setattr(J.torch, "compile", broken_compile)
+    net = small_dit(torch.float32)
+    x0, e, t, r, y, _ = fixed_batch(dtype=torch.float32)
+    z = interpolate(x0, e, t)
+    args = (z, t, r, y, z, torch.ones_like(t), torch.zeros_like(r))
+    monkeypatch.setattr(J, "_COMPILED", J.weakref.WeakKeyDictionary())
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+        J.backbone_jvp(net, "on", torch.device("cpu"))(*args)
+    monkeypatch.setattr(J, "_COMPILED", J.weakref.WeakKeyDictionary())
+    fn = J.backbone_jvp(net, "auto", torch.device("cuda"))  # 'auto' compiles for CUDA devices
+    with pytest.warns(RuntimeWarning, match="triton.*running it eagerly"):
+        out = fn(*args)
+    torch.testing.assert_close(out[1], net.forward_jvp(*args)[1])
+    assert J.backbone_jvp(net, "auto", torch.device("cpu")) == net.forward_jvp  # never compiled on CPU

@@ -15,6 +15,7 @@ torch.func.jvp runs attention under the math backend.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from typing import Callable
 
@@ -107,21 +108,44 @@ def use_backbone_jvp(core: nn.Module, impl: str) -> bool:
     return impl == "auto" and has and not is_stochastic(core)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
+class _CompiledJVP:
+    """torch.compile(type(core).forward_jvp), called as fn(core, *args). Under jvp_compile = 'auto' a backend
+    that cannot compile (no Triton, no C++ compiler) is reported once and the eager function is used instead;
+    under 'on' its error propagates."""
+
+    def __init__(self, fn: Callable, strict: bool):
+        self.fn, self.compiled, self.strict, self.failed = fn, torch.compile(fn), strict, False
+
+    def __call__(self, core: nn.Module, *args):
+        if not self.failed:
+            try:
+                return self.compiled(core, *args)
+            except torch._dynamo.exc.BackendCompilerFailed as exc:
+                if self.strict:
+                    raise
+                self.failed = True
+                inner = getattr(exc, "inner_exception", None) or exc
+                first = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
+                warnings.warn(f"jvp_compile = 'auto': torch.compile of {type(core).__name__}.forward_jvp failed "
+                              f"({first[:200]}); running it eagerly (same values, slower). Set jvp_compile = 'off' "
+                              "to skip compiling, or 'on' to make this an error.", RuntimeWarning, stacklevel=2)
+        return self.fn(core, *args)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, _CompiledJVP]" = weakref.WeakKeyDictionary()
 
 
 def backbone_jvp(core: nn.Module, compile: str, device: torch.device) -> Callable:
     """core.forward_jvp, or its torch.compile'd version (compile 'on', or 'auto' on CUDA): plain tensor ops, no
-    forward-mode AD, so inductor can fuse the tangent's elementwise work into few kernels. One compiled function
-    per module class, called with the module as its first argument (compiled once, guarded by dynamo)."""
+    forward-mode AD, so inductor can fuse the tangent's elementwise work into few kernels. Compiled once per
+    module (the function of its class, called with the module as first argument; dynamo guards the rest)."""
     if compile not in ("auto", "on", "off"):
         raise ValueError(f"jvp_compile must be 'auto', 'on' or 'off', got {compile!r}")
     if compile == "off" or (compile == "auto" and device.type != "cuda"):
         return core.forward_jvp
-    fn = type(core).forward_jvp
     compiled = _COMPILED.get(core)
     if compiled is None:
-        compiled = _COMPILED[core] = torch.compile(fn)
+        compiled = _COMPILED[core] = _CompiledJVP(type(core).forward_jvp, strict=compile == "on")
     return lambda *args: compiled(core, *args)
 
 
