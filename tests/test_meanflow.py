@@ -449,8 +449,8 @@ def _ddp_worker(rank, world, init_file, out_dir):
         info = DistInfo(rank=rank, world=world)
         x0, e, t, r, y, drop = fixed_batch(b=8)
         sl = slice(rank * 4, (rank + 1) * 4)
-        for mode in ("single", "lean"):
-            net = TinyAttnNet()
+        for mode, kind in (("single", "tiny"), ("lean", "tiny"), ("single", "dit"), ("lean", "dit")):
+            net = TinyAttnNet() if kind == "tiny" else small_dit()  # the DiT: forward_jvp + CFG reuse
             obj = MeanFlow(CTX, jvp_mode=mode)
             if obj.manual_grad_sync:  # what the engine does: no DDP wrapper, manual all-reduce
                 broadcast_params(net, info)
@@ -460,7 +460,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
             obj.loss_core(model, x0[sl], e[sl], t[sl], r[sl], y[sl], drop[sl]).loss.backward()
             if obj.manual_grad_sync:
                 all_reduce_grads([p for p in net.parameters()], info)
-            torch.save(grads(net), f"{out_dir}/{mode}_{rank}.pt")
+            torch.save(grads(net), f"{out_dir}/{mode}_{kind}_{rank}.pt")
             del model, net  # no DDP reducer may outlive the process group
         dist.barrier()
         done = True
@@ -475,11 +475,11 @@ def _ddp_worker(rank, world, init_file, out_dir):
 def test_two_process_gloo_gradients_match_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     x0, e, t, r, y, drop = fixed_batch(b=8)
-    for mode in ("single", "lean"):
-        net = TinyAttnNet()
+    for mode, kind in (("single", "tiny"), ("lean", "tiny"), ("single", "dit"), ("lean", "dit")):
+        net = TinyAttnNet() if kind == "tiny" else small_dit()
         MeanFlow(CTX, jvp_mode=mode).loss_core(net, x0, e, t, r, y, drop).loss.backward()
         ref = grads(net)
-        g0, g1 = (torch.load(tmp_path / f"{mode}_{k}.pt") for k in (0, 1))
+        g0, g1 = (torch.load(tmp_path / f"{mode}_{kind}_{k}.pt") for k in (0, 1))
         for k in ref:
             assert torch.equal(g0[k], g1[k]), (mode, k)
             torch.testing.assert_close(g0[k], ref[k], rtol=1e-9, atol=1e-12)
