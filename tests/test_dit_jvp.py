@@ -1,23 +1,9 @@
 """DiT.forward_jvp (plugins/dit/jvp.py): the hand-written forward-mode derivative against torch.func.jvp."""
-import math
-
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fewstep_plugins.dit.model import DiT, TimestepEmbedder
-
-
-@pytest.fixture
-def f64_features(monkeypatch):
-    """The sinusoid runs in float32 at least; keep float64 inputs float64 end to end."""
-    def features(t, dim, max_period=10000.0):
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=t.dtype) / half)
-        args = t[:, None] * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-    monkeypatch.setattr(TimestepEmbedder, "features", staticmethod(features))
+from fewstep_plugins.dit.model import DiT
 
 
 def trained_like(attention="math", dtype=torch.float64, dropout=0.0, seed=0):
@@ -48,7 +34,7 @@ def torch_jvp(net, x, t, s, y, tangents):
 
 
 @pytest.mark.parametrize("attention", ["math", "fused"])
-def test_forward_jvp_equals_torch_func_jvp_in_float64(attention, f64_features):
+def test_forward_jvp_equals_torch_func_jvp_in_float64(attention):
     net = trained_like(attention)
     x, t, s, y, tan = inputs()
     out_ref, d_ref = torch_jvp(net, x, t, s, y, tan)
@@ -59,7 +45,7 @@ def test_forward_jvp_equals_torch_func_jvp_in_float64(attention, f64_features):
     torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_each_tangent_direction_and_the_null_label(f64_features):
+def test_each_tangent_direction_and_the_null_label():
     """x only, t only (moves t and the gap t - s), s only (moves the gap alone), and y = None (null class)."""
     net = trained_like()
     x, t, s, _, (dx, dt, ds) = inputs()
@@ -71,7 +57,7 @@ def test_each_tangent_direction_and_the_null_label(f64_features):
         assert float((d - d_ref).norm() / d_ref.norm()) < 1e-12
 
 
-def test_matches_a_central_difference(f64_features):
+def test_matches_a_central_difference():
     net = trained_like()
     x, t, s, y, (dx, dt, ds) = inputs()
     h = 1e-6
@@ -104,7 +90,7 @@ def test_bf16_autocast_stays_within_rounding():
     assert 1e-4 < float((d.float() - d_ref).norm() / d_ref.norm()) < 3e-2  # rounded, but not far off
 
 
-def test_active_dropout_is_refused_and_eval_mode_is_accepted(f64_features):
+def test_active_dropout_is_refused_and_eval_mode_is_accepted():
     net = trained_like(dropout=0.1)
     x, t, s, y, tan = inputs()
     with pytest.raises(ValueError, match="deterministic"):

@@ -38,20 +38,6 @@ def small_dit(dtype=torch.float64, seed=0, **kw):
     return net.to(dtype)
 
 
-@pytest.fixture
-def f64_time_features(monkeypatch):
-    """The DiT computes its sinusoid in float32 (t.float()); float64 finite differences need it in float64."""
-    from fewstep_plugins.dit.model import TimestepEmbedder
-
-    def features(t, dim, max_period=10000.0):
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=t.dtype) / half)
-        args = t[:, None] * freqs[None]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-    monkeypatch.setattr(TimestepEmbedder, "features", staticmethod(features))
-
-
 def fixed_batch(b=8, dtype=torch.float64, seed=1, shape=(2, 4, 4)):
     """x0, e, t >= r with the first half r = t, labels, and a drop mask on row 0."""
     g = torch.Generator().manual_seed(seed)
@@ -134,7 +120,7 @@ def test_class_drop_first_rows_by_index():
 # -- the JVP (spec 2.4, 7.8) -------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["backbone", "torch"])
 @pytest.mark.parametrize("mode", ["single", "lean"])
-def test_jvp_matches_central_difference(mode, impl, f64_time_features):
+def test_jvp_matches_central_difference(mode, impl):
     net = small_dit()
     x0, e, t, r, y, _ = fixed_batch()
     z = interpolate(x0, e, t)
