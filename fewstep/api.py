@@ -46,6 +46,8 @@ _LAZY = {
     # images (fewstep.images): what DataSource.save_preview and the evaluators use
     "to_uint8": "fewstep.images",
     "save_grid": "fewstep.images",
+    # a run's weights (fewstep.engine.checkpoint): warm starts, teachers
+    "load_run_ema": "fewstep.engine.checkpoint",
     # testing a plugin end to end (fewstep.engine.trainer)
     "Trainer": "fewstep.engine.trainer",
 }
@@ -79,6 +81,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come through __getattr__
     from .data import TensorSource, epoch_permutation, index_stream
+    from .engine.checkpoint import load_run_ema
     from .engine.trainer import Trainer
     from .images import save_grid, to_uint8
     from .path import expand_like, interpolate, logit_normal, velocity

@@ -121,6 +121,25 @@ def test_example_imports_nothing_from_fewstep_but_the_api():
     assert {"__init__.py", "objective.py", "sampler.py"} <= used_api
 
 
+def test_builtin_plugins_import_nothing_from_fewstep_but_the_api():
+    """The built-ins are written exactly like third-party plugins: fewstep.api is their only door into fewstep
+    (their own package, fewstep_plugins.*, is theirs to use)."""
+    files = sorted(p for p in (ROOT / "plugins").rglob("*.py") if "__pycache__" not in p.parts)
+    assert len(files) > 20
+    bad, used_api = [], set()
+    for path in files:
+        for line, what in fewstep_references(path):
+            top = what.split(".")[0].split(":")[0]
+            if top != "fewstep":
+                continue  # torch, fewstep_plugins (their own package), ...
+            if what == "fewstep.api":
+                used_api.add(path)
+            else:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {what}")
+    assert not bad, "built-in plugins may use fewstep.api only:\n" + "\n".join(bad)
+    assert len(used_api) > 20
+
+
 def test_example_registers_through_the_entry_point_group_only():
     meta = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
     assert meta["project"]["name"] == "fewstep-shortcut"

@@ -113,5 +113,18 @@ def load_ema_weights(ckpt: Path, index: int = 0, device: torch.device | str = "c
     return state
 
 
+def load_run_ema(path: str | Path, index: int = 0, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], Path]:
+    """EMA copy `index` of a run folder's latest checkpoint, or of a checkpoint folder: (state dict, checkpoint).
+
+    Raises FileNotFoundError naming `path` when it is neither (or holds no such EMA copy).
+    """
+    path = Path(path)
+    found = path if (path / "ema.safetensors").is_file() else latest_checkpoint(path / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"{path} is neither a fewstep run folder with a checkpoint nor a checkpoint folder "
+                                f"holding ema.safetensors")
+    return load_ema_weights(found, index, device), found
+
+
 def load_state(ckpt: Path) -> dict[str, Any]:
     return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)

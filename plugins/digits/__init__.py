@@ -1,6 +1,5 @@
 """The `digits` dataset plugin: scikit-learn's bundled 8x8 handwritten digits (nothing to download)."""
-from fewstep.hookspecs import hookimpl
-from fewstep.options import Option
+from fewstep.api import Option, hookimpl
 
 OPTIONS = [
     Option("conditional", bool, True, "feed the 10 class labels (False: unconditional)"),

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.data import TensorSource
-from fewstep.interfaces import BuildContext
+from fewstep.api import BuildContext, TensorSource
 
 
 class Digits(TensorSource):

@@ -1,6 +1,5 @@
 """The `dit` backbone plugin (registration only: importing this module does not import torch)."""
-from fewstep.hookspecs import hookimpl
-from fewstep.options import Option
+from fewstep.api import Option, hookimpl
 
 OPTIONS = [
     Option("size", str, "B/2", "NAME/PATCH with NAME in T, XS, S, B, M, L, XL (T and XS are CPU sizes), e.g. 'XL/2'"),

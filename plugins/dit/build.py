@@ -1,4 +1,4 @@
-from fewstep.interfaces import BuildContext
+from fewstep.api import BuildContext
 
 from .model import DiT
 

@@ -7,8 +7,7 @@ official optimiser (RAdam 1e-4, betas 0.9/0.999), EMA 0.9999 and dropout 0.2 bel
 the recipe's [train] and [backbone] tables. `schedule = "ict"` selects iCT's discretisation
 curriculum (Song & Dhariwal 2023) instead of ECT's continuous one.
 """
-from fewstep.hookspecs import hookimpl
-from fewstep.options import Option
+from fewstep.api import Option, hookimpl
 
 OPTIONS = [
     Option("schedule", str, "ect", "ect: ln t ~ N(p_mean, p_std), r from the staged sigmoid mapping; ict: iCT's "

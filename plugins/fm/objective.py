@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.interfaces import Batch, BuildContext, LossOutput, Objective
-from fewstep.path import expand_like, interpolate, logit_normal, velocity
+from fewstep.api import Batch, BuildContext, LossOutput, Objective, expand_like, interpolate, logit_normal, velocity
 
 
 def sample_t(n: int, dist: str, mean: float, std: float, device) -> torch.Tensor:

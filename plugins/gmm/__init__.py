@@ -5,8 +5,7 @@ For a Gaussian mixture the flow-matching velocity is known in closed form, so th
 function f*(x_t, t, s) that SoFlow learns, MeanFlow's average velocity and a consistency model's
 denoiser can be compared with what a model learned (see docs/gmm.md).
 """
-from fewstep.hookspecs import hookimpl
-from fewstep.options import Option
+from fewstep.api import Option, hookimpl
 
 DATA_OPTIONS = [
     Option("components", int, 8, "number of components K", ge=1),

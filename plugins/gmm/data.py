@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.data import TensorSource
-from fewstep.interfaces import BuildContext
+from fewstep.api import BuildContext, TensorSource
 
 from .exact import GaussianMixture
 

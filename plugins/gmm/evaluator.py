@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fewstep.interfaces import BuildContext, Evaluator
+from fewstep.api import BuildContext, Evaluator
 
 from .exact import energy_distance, sliced_w2
 

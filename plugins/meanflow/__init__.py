@@ -6,8 +6,7 @@ omega 1.0, kappa 0.5, CFG interval [0, 1], class dropout 0.1 (first rows by inde
 CIFAR-10 (py-meanflow, spec 2.6): fm_share 0.25 with fm_rows 'random', p 0.75, eps 0.001, no CFG
 (unconditional), and time sampler v0 = sorted (-2, 2) / (-2, 2) or v1 = min (-0.6, 1.6) / (-4, 1.6).
 """
-from fewstep.hookspecs import hookimpl
-from fewstep.options import Option
+from fewstep.api import Option, hookimpl
 
 OPTIONS = [
     # (t, r) sampling (spec 2.2; official sample_tr / py-meanflow time_sampler)

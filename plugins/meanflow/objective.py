@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.interfaces import Batch, BuildContext, LossOutput, Objective
-from fewstep.path import expand_like, interpolate, logit_normal, velocity
+from fewstep.api import Batch, BuildContext, LossOutput, Objective, expand_like, interpolate, logit_normal, velocity
 
 from .jvp import is_stochastic, strip_ddp, u_and_dudt, unwrap
 

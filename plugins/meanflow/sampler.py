@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.interfaces import BuildContext, Sampler
+from fewstep.api import BuildContext, Sampler
 
 
 class MeanFlowSampler(Sampler):

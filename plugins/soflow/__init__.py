@@ -5,8 +5,7 @@ spec sections 1.2, 1.3, 1.6, 1.9). The CIFAR-10 config differs in: fm_ratio 0.0,
 fm_t (-0.9, 1.6), s (-4.0, 1.6), t (-0.9, 1.6), p 0.75, eps 0.001, r_init 1.0,
 r_end 0.0003125, total_steps 800000, no CFG (cfg_scale 1, cfg_drop 0, mix_ratio 1).
 """
-from fewstep.hookspecs import hookimpl
-from fewstep.options import Option
+from fewstep.api import Option, hookimpl
 
 OPTIONS = [
     # parameterisation (spec 1.1)

@@ -23,9 +23,7 @@ import math
 
 import torch
 
-from fewstep.interfaces import Batch, BuildContext, LossOutput, Objective
-from fewstep.path import expand_like
-from fewstep.rng import capture_rng, has_active_dropout, restore_rng
+from fewstep.api import Batch, BuildContext, LossOutput, Objective, capture_rng, expand_like, has_active_dropout, restore_rng
 
 from .scheduler import Scheduler, cfg_decay, r_schedule, sample_tsl
 

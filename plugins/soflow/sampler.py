@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.interfaces import BuildContext, Sampler
-from fewstep.path import expand_like
+from fewstep.api import BuildContext, Sampler, expand_like
 
 
 class SoFlowSampler(Sampler):

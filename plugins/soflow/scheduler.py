@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from fewstep.path import expand_like
+from fewstep.api import expand_like
 
 HALF_PI = math.pi / 2
 
