@@ -4,13 +4,16 @@ Time convention everywhere in the core: t = 0 is data, t = 1 is noise,
 x_t = (1 - t) x0 + t e. An objective that thinks in another convention (EDM
 sigma for consistency training) converts at its own boundary.
 
-Backbone:   ``net(x, t, s, y) -> Tensor`` shaped like x; t, s of shape (B,), s <= t;
-            y of shape (B,) with ``num_classes`` as the null class (None: all null).
+Backbone:   ``net(x, t, s, y, **cond) -> Tensor`` shaped like x; t, s of shape (B,), s <= t;
+            y of shape (B,) with ``num_classes`` as the null class (None: all null);
+            ``cond``: extra named per-row conditions the backbone declares in its class
+            attribute ``conditions`` (e.g. ``augment_labels`` (B, A)); a missing one means "none".
 Objective:  ``loss(net, batch, step) -> LossOutput``; ``flow_map(net, x, t, s, y)``;
             ``velocity(net, x, t, y)``; names its default sampler at registration;
             optional ``prepare(net)`` runs once on a fresh run before the optimizer/EMA exist.
 Sampler:    ``sample(objective, net, noise, y, nfe, generator) -> x0``.
-DataSource: ``spec``; ``batches(batch, seed, start_step, rank, world)``; ``to_images``.
+DataSource: ``spec``; ``batches(batch, seed, start_step, rank, world)``; ``to_images``;
+            ``reference_batches(split, batch, limit, rank, world)`` streams real images.
 Evaluator:  ``evaluate(samples, reference, **ctx) -> dict[str, float]``.
 """
 from __future__ import annotations
@@ -54,6 +57,9 @@ class BuildContext:
 class Batch:
     x: "Tensor"  # (B, C, H, W) model-space data, t = 0
     y: "Tensor | None"  # (B,) int64 labels or None for unconditional data
+    #: extra per-row conditions for the backbone, each (B, ...), e.g. {"augment_labels": (B, 9)}; objectives
+    #: hand them to every network call on the same rows (net(x, t, s, y, **cond))
+    cond: dict[str, "Tensor"] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,8 +134,20 @@ class DataSource(abc.ABC):
         return save_grid(samples, path, nrow=nrow)
 
     def reference_images(self, split: str = "train", limit: int | None = None) -> "Tensor":
-        """Real images in [-1, 1] for reference statistics."""
+        """Real images in [-1, 1] for reference statistics (all at once: small data sources only)."""
         raise NotImplementedError(f"{type(self).__name__} provides no reference images")
+
+    def reference_batches(self, split: str = "train", batch_size: int = 256, limit: int | None = None,
+                          rank: int = 0, world: int = 1) -> Iterator["Tensor"]:
+        """Real images in [-1, 1], (b, C, H, W) float, streamed: rank `rank` of `world` gets the batches
+        i with i % world == rank of the first `limit` images (None: all) in a fixed order.
+
+        Data sources too large for memory override this; the default slices `reference_images`.
+        """
+        images = self.reference_images(split, limit=limit)
+        for k, i in enumerate(range(0, len(images), batch_size)):
+            if k % world == rank:
+                yield images[i:i + batch_size]
 
 
 class Evaluator(abc.ABC):

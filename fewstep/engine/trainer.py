@@ -193,7 +193,8 @@ class Trainer:
             with progress if progress is not None else contextlib.nullcontext():
                 while step < stop:
                     b = next(batches)
-                    batch = Batch(b.x.to(device, non_blocking=True), None if b.y is None else b.y.to(device, non_blocking=True))
+                    batch = Batch(b.x.to(device, non_blocking=True), None if b.y is None else b.y.to(device, non_blocking=True),
+                                  {k: v.to(device, non_blocking=True) for k, v in b.cond.items()})
                     if tr["warmup_steps"] > 0:
                         for g in opt.param_groups:
                             g["lr"] = tr["lr"] * min(1.0, (step + 1) / tr["warmup_steps"])
