@@ -67,7 +67,13 @@ class PluginSpec:
         return obj
 
     def build(self, ctx: Any, **options: Any) -> Any:
+        """Call the factory with `options` as given (a recipe's resolved table: every declared option)."""
         return self.load()(ctx, **options)
+
+    def create(self, ctx: Any, **overrides: Any) -> Any:
+        """Build with the declared defaults filled in and `overrides` validated (notebooks, tests):
+        the declarations are the one place a default lives; factories take no defaults of their own."""
+        return self.build(ctx, **self.options.resolve(overrides))
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -84,3 +84,47 @@ def test_parse_size():
     assert parse_size("M/2") == (16, 1024, 16, 2)
     with pytest.raises(ValueError, match="unknown DiT size"):
         parse_size("Q/2")
+
+
+def official_pos_embed(embed_dim: int, grid_size: int):
+    """The official DiT / SoFlow / MeanFlow get_2d_sincos_pos_embed, re-derived step by step in numpy:
+    grid = meshgrid(grid_w, grid_h) (w first), half the channels from grid[0] (the column index w), half
+    from grid[1] (the row index h); each 1-D half is [sin(pos * omega), cos(pos * omega)]."""
+    import numpy as np
+
+    grid_h = np.arange(grid_size, dtype=np.float64)
+    grid_w = np.arange(grid_size, dtype=np.float64)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+
+
+@pytest.mark.parametrize("dim,grid", [(32, 4), (768, 16), (1152, 16)])
+def test_position_embedding_has_the_official_layout(dim, grid):
+    from fewstep_plugins.dit.model import sincos_2d
+
+    ours = sincos_2d(dim, grid).double().numpy()
+    ref = official_pos_embed(dim, grid)
+    assert ours.shape == ref.shape == (grid * grid, dim)
+    assert abs(ours - ref).max() < 1e-6  # float32 buffer of the float64 formula
+    # token 1 is row 0, column 1: the first half (column) changes, the second half (row) does not
+    assert abs(ours[1, dim // 2:] - ours[0, dim // 2:]).max() == 0
+    assert abs(ours[1, : dim // 2] - ours[0, : dim // 2]).max() > 0.1
+
+
+def test_gap_embedder_init_follows_the_option():
+    torch.manual_seed(0)
+    xavier = small(hidden=64)
+    torch.manual_seed(0)
+    normal = small(hidden=64, gap_init="normal")
+    for net in (xavier, normal):  # the t embedder is N(0, 0.02) in both official DiTs
+        assert abs(net.t_embedder.mlp[0].weight.std().item() - 0.02) < 0.003
+    assert abs(normal.s_embedder.mlp[0].weight.std().item() - 0.02) < 0.003
+    bound = (6 / (256 + 64)) ** 0.5  # xavier uniform on Linear(256, 64): std = bound / sqrt(3)
+    assert abs(xavier.s_embedder.mlp[0].weight.std().item() - bound / 3 ** 0.5) < 0.005
+    assert xavier.s_embedder.mlp[0].weight.abs().max() <= bound

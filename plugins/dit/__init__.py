@@ -10,6 +10,9 @@ OPTIONS = [
     Option("dropout", float, 0.0, "dropout in attention projections and MLPs", ge=0, lt=1),
     Option("attention", str, "fused", "'fused' (torch SDPA) or 'math' (explicit softmax, forward-AD capable)",
            choices=("fused", "math")),
+    Option("gap_init", str, "xavier", "init of the gap (t - s) embedder's MLP: xavier (official SoFlow DiT, which "
+           "re-initialises only the t embedder) or normal = N(0, 0.02) like the t embedder (official MeanFlow DiT)",
+           choices=("xavier", "normal")),
 ]
 
 

@@ -41,17 +41,23 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def sincos_2d(embed_dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position embedding, (grid*grid, embed_dim)."""
+    """Fixed 2-D sine-cosine position embedding, (grid*grid, embed_dim), tokens in row-major order.
+
+    Layout of the official SoFlow and MeanFlow DiTs (after DiT's get_2d_sincos_pos_embed, which meshes
+    (grid_w, grid_h)): the first half of each vector encodes the token's COLUMN index, the second half
+    its row index; each half is [sin(pos omega), cos(pos omega)] with omega_k = 1e4^(-k / (D/4)).
+    Official checkpoints load only with this layout (docs/objectives/soflow.md, backbone).
+    """
     assert embed_dim % 4 == 0, f"hidden size must be divisible by 4, got {embed_dim}"
     coords = torch.arange(grid, dtype=torch.float64)
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # gy: row index, gx: column index of each token
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4))
 
     def one(pos: torch.Tensor) -> torch.Tensor:
         out = pos.reshape(-1, 1) * omega[None]  # (T, D/4)
         return torch.cat([out.sin(), out.cos()], dim=1)  # (T, D/2)
 
-    return torch.cat([one(gy), one(gx)], dim=1).float()  # (T, D)
+    return torch.cat([one(gx), one(gy)], dim=1).float()  # (T, D): column half first
 
 
 class TimestepEmbedder(nn.Module):
@@ -107,7 +113,7 @@ class DiT(nn.Module):
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, size: str = "B/2", depth: int = 0,
                  hidden: int = 0, heads: int = 0, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 attention: str = "fused"):
+                 attention: str = "fused", gap_init: str = "xavier"):
         super().__init__()
         d0, h0, n0, patch = parse_size(size)
         self.depth, self.hidden, self.heads, self.patch = depth or d0, hidden or h0, heads or n0, patch
@@ -123,6 +129,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(self.hidden, self.heads, mlp_ratio, dropout) for _ in range(self.depth))
         self.final_layer = FinalLayer(self.hidden, patch, in_channels)
         self.set_attention(attention)
+        if gap_init not in ("xavier", "normal"):
+            raise ValueError(f"gap_init must be 'xavier' or 'normal', got {gap_init!r}")
+        self.gap_init = gap_init
         self.initialize_weights()
 
     def set_attention(self, mode: str) -> None:
@@ -143,9 +152,12 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # patch embedding initialised like a Linear
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.weight, std=0.02)
-        # as the SoFlow checkpoints saw it: the t MLP is re-initialised N(0, 0.02), the gap MLP keeps xavier
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # the t MLP is re-initialised N(0, 0.02) (DiT); the gap MLP keeps xavier in the official SoFlow DiT
+        # (gap_init = "xavier") and gets N(0, 0.02) like t in the official MeanFlow DiT (gap_init = "normal")
+        embedders = [self.t_embedder] + ([self.s_embedder] if self.gap_init == "normal" else [])
+        for emb in embedders:
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
         for blk in self.blocks:  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(blk.adaLN_modulation[-1].weight)
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
