@@ -55,3 +55,28 @@ def tiny():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# -- built-in components with their declared defaults ------------------------------------------------------------
+# Factories take keyword-only options without defaults (the declarations are the one place a default lives), so
+# tests that build a component directly go through the registry: builtin("objective", "soflow")(ctx, p=0.75).
+_BUILTINS = None
+
+
+def builtin(kind, name):
+    def make(ctx, **overrides):
+        global _BUILTINS
+        if _BUILTINS is None:
+            _BUILTINS = Registry()
+        return _BUILTINS.get(kind, name).create(ctx, **overrides)
+
+    make.__name__ = f"{kind}:{name}"
+    return make
+
+
+def make_dit(in_channels, image_size, num_classes, **overrides):
+    """A DiT for (in_channels, image_size, image_size) data with `num_classes` classes."""
+    from fewstep.interfaces import BuildContext, DataSpec
+
+    ctx = BuildContext(data=DataSpec((in_channels, image_size, image_size), num_classes))
+    return builtin("backbone", "dit")(ctx, **overrides)

@@ -32,8 +32,11 @@ class Variant:
 
     @fewstep.hookimpl
     def register_objectives(register):
-        register("fm-variant", "fewstep_plugins.fm.objective:FlowMatching", default_sampler="ode",
-                 options=[Option("time_dist", str, "uniform", "t ~ U(0, 1)", choices=("logit_normal", "uniform"))],
+        from fewstep_plugins.fm import FM_OPTIONS
+
+        options = [Option("time_dist", str, "uniform", "t ~ U(0, 1)", choices=("logit_normal", "uniform"))
+                   if o.name == "time_dist" else o for o in FM_OPTIONS]
+        register("fm-variant", "fewstep_plugins.fm.objective:FlowMatching", default_sampler="ode", options=options,
                  description="flow matching, uniform t")
 
 
@@ -70,7 +73,8 @@ def test_only_the_objective_is_swapped(variant):
     base = recipe_from_dict(tiny_dict(objective={"name": "fm", "label_drop": 0.3, "time_dist": "logit_normal"},
                                       sampler={"name": "ode", "method": "heun"}))
     r = objective_recipe(base, "fm-variant", seed=7, eval_seed=1, registry=variant)
-    assert r.objective.name == "fm-variant" and r.objective.options == {"time_dist": "uniform"}  # its own defaults
+    assert r.objective.name == "fm-variant" and r.objective.options["time_dist"] == "uniform"  # its own defaults
+    assert r.objective.options["label_drop"] == 0.1  # the base recipe's fm keys are dropped, not carried over
     assert r.sampler.name == "ode" and r.sampler.options["method"] == "euler"  # its default sampler, default options
     assert r.train["seed"] == 7 and r.eval["seed"] == 1
     assert (r.data, r.backbone) == (base.data, base.backbone)

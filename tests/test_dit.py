@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fewstep_plugins.dit.model import DiT, TimestepEmbedder, parse_size
+from conftest import make_dit as DiT
+from fewstep_plugins.dit.model import TimestepEmbedder, parse_size
 
 
 def small(**kw):

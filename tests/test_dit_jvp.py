@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fewstep_plugins.dit.model import DiT
+from conftest import make_dit as DiT
 
 
 def trained_like(attention="math", dtype=torch.float64, dropout=0.0, seed=0):

@@ -11,10 +11,13 @@ from fewstep.engine.trainer import Trainer
 from fewstep.interfaces import Batch, BuildContext, DataSpec
 from fewstep.recipe import recipe_from_dict
 from fewstep.registry import get_registry
-from fewstep_plugins.ect.objective import ECT, ect_r, ect_stage, ict_num_points
+from fewstep_plugins.ect.objective import ect_r, ect_stage, ict_num_points
 from fewstep_plugins.ect.precond import (EDMPrecond, fm_to_ve, karras_sigmas, lognormal_interval_probs, sigma_to_t,
                                          t_to_sigma, ve_to_fm)
-from fewstep_plugins.ect.sampler import ECTSampler
+from conftest import builtin
+
+ECT = builtin("objective", "ect")
+ECTSampler = builtin("sampler", "ect")
 
 from conftest import tiny_dict
 
@@ -123,6 +126,18 @@ def test_ect_r_schedule_values():
         torch.testing.assert_close(ect_r(t, stage), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
     assert ect_r(torch.tensor([80.0]), 1).item() == pytest.approx(60.0) and ect_r(torch.tensor([80.0]), 2).item() == pytest.approx(70.0)
     assert [ect_stage(s, 25_000) for s in (0, 24_999, 25_000, 50_000)] == [0, 0, 1, 2]
+
+
+def test_ect_const_mapping_is_the_official_t_to_r_const():
+    t = torch.tensor([0.05, 0.5, 3.0, 80.0], dtype=torch.float64)
+    for stage in (0, 1, 3):
+        torch.testing.assert_close(ect_r(t, stage, q=2.0, mapping="const"), t * (1 - 2.0 ** -(stage + 1)), rtol=1e-15, atol=0)
+    obj = ECT(CTX, mapping="const", q=4.0, double_every=10)
+    torch.manual_seed(1)
+    tt, r = obj.sample_t_r(500, step=10, device="cpu")  # stage 1: r = t (1 - 1/16)
+    torch.testing.assert_close(r, tt * (1 - 4.0 ** -2))
+    with pytest.raises(ValueError, match="mapping"):
+        ect_r(t, 0, mapping="linear")
 
 
 def test_ect_sample_t_r_follows_the_stage():
@@ -329,9 +344,9 @@ def test_sampler_levels():
     assert s.sigmas(2, 80.0) == [80.0, 0.821]
     three = s.sigmas(3, 80.0)
     assert three[2] == pytest.approx(0.821) and three[1] == pytest.approx(math.sqrt(80 * 0.821))
-    assert ECTSampler(CTX, [5.0, 0.5]).sigmas(3, 80.0) == [80.0, 5.0, 0.5]
+    assert ECTSampler(CTX, mid_sigmas=[5.0, 0.5]).sigmas(3, 80.0) == [80.0, 5.0, 0.5]
     with pytest.raises(ValueError):
-        ECTSampler(CTX, [0.5, 5.0]).sigmas(3, 80.0)
+        ECTSampler(CTX, mid_sigmas=[0.5, 5.0]).sigmas(3, 80.0)
     net = Recorder(a=0.0, bias=0.0).eval()
     ECTSampler(CTX).sample(ECT(CTX), net, torch.randn(2, 1, 4, 4), None, nfe=4)
     assert len(net.calls) == 4
@@ -358,9 +373,7 @@ def test_init_from_loads_the_fm_run_ema_on_fresh_runs_only(tmp_path, monkeypatch
     assert any(not torch.equal(ema0[k], model[k]) for k in ema0)  # EMA copy 0 differs from the raw weights
 
     # directly: prepare() copies EMA copy 0 into a differently initialised backbone
-    from fewstep_plugins.dit.build import build
-
-    net = build(BuildContext(data=DataSpec((1, 8, 8), 10)), size="T/2", hidden=32, depth=1, heads=2)
+    net = builtin("backbone", "dit")(BuildContext(data=DataSpec((1, 8, 8), 10)), size="T/2", hidden=32, depth=1, heads=2)
     obj = ECT(CTX, init_from=str(tmp_path / "fm"))
     obj.prepare(net)
     for k, v in net.state_dict().items():
@@ -368,8 +381,10 @@ def test_init_from_loads_the_fm_run_ema_on_fresh_runs_only(tmp_path, monkeypatch
 
     # through the trainer: the run starts from those weights (optimizer and EMA created after)
     calls = []
-    orig = ECT.prepare
-    monkeypatch.setattr(ECT, "prepare", lambda self, n: (calls.append(1), orig(self, n))[1])
+    from fewstep_plugins.ect.objective import ECT as ECTClass
+
+    orig = ECTClass.prepare
+    monkeypatch.setattr(ECTClass, "prepare", lambda self, n: (calls.append(1), orig(self, n))[1])
     ect = recipe_from_dict(tiny_dict(objective={"name": "ect", "init_from": str(tmp_path / "fm")},
                                      train={"steps": 2, "checkpoint_every": 1}))
     Trainer(ect, tmp_path / "ect", show_progress=False).run(until_step=0)

@@ -61,7 +61,9 @@ class Interrupting:
 
             return Obj(ctx, **opts)
 
-        register("fm-interrupt", build, default_sampler="ode")
+        from fewstep_plugins.fm import FM_OPTIONS
+
+        register("fm-interrupt", build, default_sampler="ode", options=FM_OPTIONS)
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, registry):
@@ -99,7 +101,9 @@ class NaNAt:
 
             return Obj(ctx, **opts)
 
-        register("fm-nan", build, default_sampler="ode")
+        from fewstep_plugins.fm import FM_OPTIONS
+
+        register("fm-nan", build, default_sampler="ode", options=FM_OPTIONS)
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, registry):
@@ -153,6 +157,29 @@ def test_ema_every_16_equals_16_single_steps():
         for _ in range(16):
             exact = 0.9999 * exact + (1 - 0.9999) * v.double()
         torch.testing.assert_close(a.shadows[0][k].double(), exact, atol=1e-7, rtol=0)
+
+
+def test_ema_every_n_accumulates_in_float64_like_the_official_code():
+    """every > 1: e <- D e + (1 - D) w in float64, stored as float32 (SoFlow train.py, py-meanflow ema.py): equal
+    bit for bit to that formula, and not to the float32 update (the test can tell the two apart)."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(64, 64)
+    ema = EMA(net, [0.9999], every=16)
+    ref = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+    f32 = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+    D = 0.9999 ** 16
+    for step in range(1, 16 * 40 + 1):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1e-3 * torch.randn_like(p))
+        ema.update(net, step)
+        if step % 16 == 0:
+            for k, v in net.state_dict().items():
+                ref[k] = (D * ref[k].double() + (1 - D) * v.double()).float()
+                f32[k].mul_(D).add_(v, alpha=1 - D)
+    for k in ref:
+        assert torch.equal(ema.shadows[0][k], ref[k]), k
+    assert any(not torch.equal(ref[k], f32[k]) for k in ref)  # float32 accumulation rounds differently
 
 
 def test_checkpoint_layout_and_safe_loading(tmp_path, tiny):

@@ -5,8 +5,10 @@ import torch
 
 from fewstep.interfaces import Batch, BuildContext, DataSpec
 from fewstep.path import interpolate, velocity
-from fewstep_plugins.fm.objective import FlowMatching
-from fewstep_plugins.fm.sampler import ODESampler
+from conftest import builtin
+
+FlowMatching = builtin("objective", "fm")
+ODESampler = builtin("sampler", "ode")
 
 CTX = BuildContext(data=DataSpec((2, 4, 4), 3))
 
@@ -68,7 +70,7 @@ def test_euler_sampler_on_linear_ode_matches_closed_form():
     x1 = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     for n in (1, 3, 8):
         net.calls.clear()
-        out = ODESampler(CTX, "euler").sample(obj, net, x1, None, nfe=n)
+        out = ODESampler(CTX, method="euler").sample(obj, net, x1, None, nfe=n)
         torch.testing.assert_close(out, x1 * (1 - 1 / n) ** n)
         assert len(net.calls) == n
         assert [round(c[1][0].item(), 6) for c in net.calls] == [round(1 - i / n, 6) for i in range(n)]
@@ -81,7 +83,7 @@ def test_heun_converges_to_exact_solution():
     x1 = torch.ones(1, 2, 4, 4, dtype=torch.float64)
     errs = []
     for nfe in (9, 17, 33):
-        out = ODESampler(CTX, "heun").sample(obj, net, x1, None, nfe=nfe)
+        out = ODESampler(CTX, method="heun").sample(obj, net, x1, None, nfe=nfe)
         errs.append((out - math.exp(-1)).abs().max().item())
     assert errs[0] > errs[1] > errs[2] and errs[2] < 2e-3
 
@@ -92,7 +94,7 @@ def test_cfg_combines_conditional_and_null_velocities():
             return x * 0 + (y.float() + 1).view(-1, 1, 1, 1)  # v_c = y + 1, v_u = null + 1 = 4
 
     obj = FlowMatching(CTX)
-    smp = ODESampler(CTX, "euler", cfg_scale=3.0)
+    smp = ODESampler(CTX, method="euler", cfg_scale=3.0)
     x = torch.zeros(2, 2, 4, 4)
     v = smp.velocity(obj, ClassNet(), x, torch.ones(2), torch.tensor([0, 1]))
     # v_u + w (v_c - v_u): 4 + 3 (1 - 4) = -5 ; 4 + 3 (2 - 4) = -2

@@ -5,10 +5,13 @@ import pytest
 import torch
 
 from fewstep.interfaces import BuildContext, DataSpec
-from fewstep_plugins.gmm.data import GMMSource, mixture_from_options
+from fewstep_plugins.gmm.data import mixture_from_options
 from fewstep_plugins.gmm.evaluator import GMMExact
 from fewstep_plugins.gmm.exact import GaussianMixture, energy_distance, gaussian_flow_map, sliced_w2
-from fewstep_plugins.soflow.objective import SoFlow
+from conftest import builtin
+
+SoFlow = builtin("objective", "soflow")
+GMMSource = builtin("dataset", "gmm")
 
 
 def ring(std=0.15, K=4, d=2):

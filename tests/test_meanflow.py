@@ -15,8 +15,10 @@ from fewstep.engine.distributed import DistInfo, all_reduce_grads, broadcast_par
 from fewstep.interfaces import BuildContext, DataSpec
 from fewstep.path import interpolate
 from fewstep_plugins.meanflow.jvp import math_attention, u_and_dudt
-from fewstep_plugins.meanflow.objective import MeanFlow
-from fewstep_plugins.meanflow.sampler import MeanFlowSampler
+from conftest import builtin
+
+MeanFlow = builtin("objective", "meanflow")
+MeanFlowSampler = builtin("sampler", "meanflow")
 
 CTX = BuildContext(data=DataSpec((2, 4, 4), 3))  # 3 classes, null class 3
 UNCOND = BuildContext(data=DataSpec((2, 4, 4), 0))
@@ -24,7 +26,7 @@ UNCOND = BuildContext(data=DataSpec((2, 4, 4), 0))
 
 def small_dit(dtype=torch.float64, seed=0, **kw):
     """hidden 32, depth 2, 4 tokens; adaLN and the final layer randomised so u is not zero."""
-    from fewstep_plugins.dit.model import DiT  # imported here: the gloo workers re-import this module, timm is slow
+    from conftest import make_dit as DiT  # imported here: the gloo workers re-import this module, timm is slow
 
     torch.manual_seed(seed)
     args = dict(in_channels=2, image_size=4, num_classes=3, size="T/2", hidden=32, depth=2, heads=2, attention="math")

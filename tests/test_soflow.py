@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from fewstep.interfaces import Batch, BuildContext, DataSpec
-from fewstep_plugins.dit.model import DiT
-from fewstep_plugins.soflow.objective import SoFlow
-from fewstep_plugins.soflow.sampler import SoFlowSampler
+from conftest import builtin, make_dit
+
+SoFlow = builtin("objective", "soflow")
+SoFlowSampler = builtin("sampler", "soflow")
 from fewstep_plugins.soflow.scheduler import Scheduler, cfg_decay, r_schedule, sample_tsl
 
 SPEC = DataSpec((2, 4, 4), 5)
@@ -39,7 +40,7 @@ class TinyNet(torch.nn.Module):
 
 def random_dit(seed=0):
     torch.manual_seed(seed)
-    net = DiT(2, 4, 5, size="T/2", hidden=32, depth=1, heads=2)
+    net = make_dit(2, 4, 5, size="T/2", hidden=32, depth=1, heads=2)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.2)  # leave adaLN-Zero so F is not identically 0
     return net
@@ -296,6 +297,24 @@ def test_cfg_config_assertions_and_unconditional_data():
     with pytest.raises(ValueError, match="cfg_drop"):
         SoFlow(CTX, cfg_scale=1.0, cfg_drop=0.1)
     assert not SoFlow(BuildContext(data=DataSpec((2, 4, 4), 0))).cfg_active
+
+
+def test_cfg_is_on_only_when_the_official_code_turns_it_on():
+    """Official rule (models.py): guidance, label dropout and mixing happen iff labels exist and cfg_scale > 1.
+    With w = 1, drop = 0 and the default m = 0.25 on labelled data the target is the plain v, not a damped one."""
+    assert SoFlow(CTX).cfg_active  # w = 3
+    obj = SoFlow(CTX, cfg_scale=1.0, cfg_drop=0.0)  # mix_ratio stays at its default 0.25
+    assert obj.m == 0.25 and not obj.cfg_active
+    net = random_dit().double()
+    x0, y, e, t, s, l_c, _ = fixed_inputs()
+    dropped = torch.zeros_like(_)  # what loss() passes when CFG is off: no row dropped
+    got = obj.loss_given(net, x0, y, e, t, s, l_c, dropped)
+    plain = SoFlow(CTX, cfg_scale=1.0, cfg_drop=0.0, mix_ratio=1.0).loss_given(net, x0, y, e, t, s, l_c, dropped)
+    assert torch.equal(got.loss, plain.loss)  # m has no effect without guidance
+    nF = x0.shape[0] - l_c.shape[0]
+    x_t = (1 - t[:nF, None, None, None]) * x0[:nF] + t[:nF, None, None, None] * e[:nF]
+    v_hat = net(x_t, t[:nF], t[:nF], y[:nF])  # no label is dropped either: y, not the null class
+    assert torch.allclose(got.metrics["fm_mse"], ((v_hat - (e - x0)[:nF]) ** 2).mean(), rtol=1e-6)
 
 
 def test_guidance_velocities_come_from_the_model_at_s_equal_t_with_null_and_true_labels():

@@ -1,8 +1,13 @@
 """Exponential moving averages of the weights, one copy per decay.
 
-Updated every `every` steps with decay**every computed in float64 (the CIFAR
-recipes of SoFlow and py-meanflow use 0.9999**16 every 16 steps). Initialised as
-a copy of the weights at step 0, no warm-up (as both official codes do).
+Initialised as a copy of the weights at step 0, no warm-up (as both official codes do). Two update rules,
+each the official one for its setting:
+
+- every = 1 (ImageNet recipes; zlab-princeton/SoFlow train.py, the per-step EMA):
+  e.mul_(d).add_(w, alpha=1 - d) in the shadow's float32.
+- every = N > 1 (CIFAR recipes: 0.9999**16 every 16 steps; SoFlow train.py "CIFAR10 prefers a higher ema
+  precision", py-meanflow models/ema.py update_ema_net): D = d**N, then e <- D e + (1 - D) w computed in
+  float64 and stored back in float32.
 """
 from __future__ import annotations
 
@@ -28,10 +33,12 @@ class EMA:
             d = decay ** self.every  # python float: float64 arithmetic
             for k, v in state.items():
                 s = shadow[k]
-                if v.dtype.is_floating_point:
+                if not v.dtype.is_floating_point:
+                    s.copy_(v)
+                elif self.every == 1:
                     s.mul_(d).add_(v.detach().float(), alpha=1.0 - d)
                 else:
-                    s.copy_(v)
+                    s.copy_(d * s.double() + (1.0 - d) * v.detach().double())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (safetensors-friendly): 'ema{i}.{param}'."""

@@ -7,7 +7,7 @@ from fewstep.api import BuildContext, TensorSource
 
 
 class Digits(TensorSource):
-    def __init__(self, ctx: BuildContext, conditional: bool = True, limit: int = 0):
+    def __init__(self, ctx: BuildContext, *, conditional: bool, limit: int):
         from sklearn.datasets import load_digits
 
         d = load_digits()

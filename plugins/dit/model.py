@@ -111,9 +111,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """net(x, t, s, y): x (B, C, H, W), t and s (B,) in [0, 1], y (B,) int64 or None (null class)."""
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int, size: str = "B/2", depth: int = 0,
-                 hidden: int = 0, heads: int = 0, mlp_ratio: float = 4.0, dropout: float = 0.0,
-                 attention: str = "fused", gap_init: str = "xavier"):
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, *, size: str, depth: int, hidden: int,
+                 heads: int, mlp_ratio: float, dropout: float, attention: str, gap_init: str):
         super().__init__()
         d0, h0, n0, patch = parse_size(size)
         self.depth, self.hidden, self.heads, self.patch = depth or d0, hidden or h0, heads or n0, patch

@@ -15,6 +15,9 @@ OPTIONS = [
     Option("p_mean", float, -1.1, "lognormal mean of the noise level t (sigma)"),
     Option("p_std", float, 2.0, "lognormal std of the noise level t (sigma)", gt=0),
     # ECT's mapping r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t)))
+    Option("mapping", str, "sigmoid", "ect: r = t (1 - q^-(stage+1) adj) with adj = 1 + k sigmoid(-b t) "
+           "(sigmoid, the official default adj='sigmoid') or adj = 1 (const, the official adj='const')",
+           choices=("sigmoid", "const")),
     Option("q", float, 2.0, "gap shrink factor per stage (the 1-hour script uses 256)", gt=1),
     Option("k", float, 8.0, "mapping: 1 + k sigmoid(-b t) widens the gap at small t", ge=0),
     Option("b", float, 1.0, "mapping: sigmoid slope", ge=0),

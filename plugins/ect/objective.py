@@ -37,9 +37,14 @@ def ect_stage(step: int, double_every: int) -> int:
     return step // double_every
 
 
-def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
-    """r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))), clamped at 0 (ECT's sigmoid mapping)."""
-    ratio = 1 - q ** -(stage + 1) * (1 + k * torch.sigmoid(-b * t))
+def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0,
+          mapping: str = "sigmoid") -> torch.Tensor:
+    """ECT's mapping from t to r, clamped at 0 (locuslab/ect training/loss.py, t_to_r_sigmoid / t_to_r_const):
+    sigmoid: r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t)));  const: r = t (1 - q^-(stage+1))."""
+    if mapping not in ("sigmoid", "const"):
+        raise ValueError(f"ect: mapping must be 'sigmoid' or 'const', got {mapping!r}")
+    adj = 1 + k * torch.sigmoid(-b * t) if mapping == "sigmoid" else 1.0
+    ratio = 1 - q ** -(stage + 1) * adj
     return (t * ratio).clamp_min(0)
 
 
@@ -50,12 +55,11 @@ def ict_num_points(step: int, total_steps: int, s0: int = 10, s1: int = 1280) ->
 
 
 class ECT(Objective):
-    default_sampler = "ect"
+    headline_metric = "ect_d"
 
-    def __init__(self, ctx: BuildContext, schedule: str = "ect", p_mean: float = -1.1, p_std: float = 2.0,
-                 q: float = 2.0, k: float = 8.0, b: float = 1.0, double_every: int = 25_000, s0: int = 10,
-                 s1: int = 1280, rho: float = 7.0, total_steps: int = 0, c: float = 0.0, sigma_data: float = 0.5,
-                 sigma_min: float = 0.002, sigma_max: float = 80.0, init_from: str = "", grad_nan_to_num: bool = True):
+    def __init__(self, ctx: BuildContext, *, schedule: str, p_mean: float, p_std: float, mapping: str, q: float, k: float, b: float,
+                 double_every: int, s0: int, s1: int, rho: float, total_steps: int, c: float, sigma_data: float,
+                 sigma_min: float, sigma_max: float, init_from: str, grad_nan_to_num: bool):
         super().__init__(ctx)
         if not sigma_min < sigma_max:
             raise ValueError(f"ect: sigma_min ({sigma_min}) must be below sigma_max ({sigma_max})")
@@ -64,7 +68,7 @@ class ECT(Objective):
         self.precond = EDMPrecond(sigma_data, sigma_min, sigma_max)
         self.schedule = schedule
         self.p_mean, self.p_std = p_mean, p_std
-        self.q, self.k, self.b, self.double_every = q, k, b, double_every
+        self.mapping, self.q, self.k, self.b, self.double_every = mapping, q, k, b, double_every
         self.s0, self.s1, self.rho = s0, s1, rho
         self.total_steps = total_steps or ctx.train_steps
         self.c = c
@@ -103,7 +107,7 @@ class ECT(Objective):
             i = torch.multinomial(probs, n, replacement=True)
             return sig[i + 1], sig[i]
         t = (torch.randn(n, device=device) * self.p_std + self.p_mean).exp()
-        return t, ect_r(t, ect_stage(step, self.double_every), self.q, self.k, self.b)
+        return t, ect_r(t, ect_stage(step, self.double_every), self.q, self.k, self.b, self.mapping)
 
     # -- loss ------------------------------------------------------------------------------------
     def _install_grad_hooks(self, net) -> None:

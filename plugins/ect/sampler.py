@@ -17,9 +17,9 @@ from fewstep.api import BuildContext, Objective, Sampler
 
 
 class ECTSampler(Sampler):
-    def __init__(self, ctx: BuildContext, mid_sigmas: list[float] | None = None):
+    def __init__(self, ctx: BuildContext, *, mid_sigmas: list[float]):
         super().__init__(ctx)
-        self.mid_sigmas = [0.821] if mid_sigmas is None else [float(m) for m in mid_sigmas]
+        self.mid_sigmas = [float(m) for m in mid_sigmas]
         if not self.mid_sigmas:
             raise ValueError("ect sampler: mid_sigmas needs at least one value")
 

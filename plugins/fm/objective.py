@@ -25,10 +25,9 @@ def drop_labels(y: torch.Tensor | None, p: float, null: int) -> torch.Tensor | N
 
 
 class FlowMatching(Objective):
-    default_sampler = "ode"
+    headline_metric = "fm_mse"
 
-    def __init__(self, ctx: BuildContext, time_dist: str = "logit_normal", t_mean: float = 0.0, t_std: float = 1.0,
-                 label_drop: float = 0.1):
+    def __init__(self, ctx: BuildContext, *, time_dist: str, t_mean: float, t_std: float, label_drop: float):
         super().__init__(ctx)
         self.time_dist, self.t_mean, self.t_std, self.label_drop = time_dist, t_mean, t_std, label_drop
         self.null = ctx.data.null_class if ctx.data is not None else 0

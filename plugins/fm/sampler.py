@@ -12,7 +12,7 @@ from fewstep.api import BuildContext, Objective, Sampler
 
 
 class ODESampler(Sampler):
-    def __init__(self, ctx: BuildContext, method: str = "euler", cfg_scale: float = 1.0):
+    def __init__(self, ctx: BuildContext, *, method: str, cfg_scale: float):
         super().__init__(ctx)
         self.method, self.cfg_scale = method, cfg_scale
         self.null = ctx.data.null_class if ctx.data is not None else 0

@@ -42,9 +42,8 @@ def mixture_from_options(components: int, dim: int, layout: str, radius: float, 
 
 
 class GMMSource(TensorSource):
-    def __init__(self, ctx: BuildContext, components: int = 8, dim: int = 2, layout: str = "ring", radius: float = 2.0,
-                 std: float = 0.15, means: list[float] = (), stds: list[float] = (), weights: list[float] = (),
-                 labels: bool = False, num_samples: int = 50_000, seed: int = 0):
+    def __init__(self, ctx: BuildContext, *, components: int, dim: int, layout: str, radius: float, std: float,
+                 means: list[float], stds: list[float], weights: list[float], labels: bool, num_samples: int, seed: int):
         self.mixture = mixture_from_options(components, dim, layout, radius, std, list(means), list(stds),
                                             list(weights), seed)
         x, k = self.mixture.sample(num_samples, torch.Generator().manual_seed(seed))

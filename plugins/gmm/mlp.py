@@ -34,7 +34,7 @@ class Block(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, num_classes: int, width: int = 256, depth: int = 4, freq_dim: int = 64):
+    def __init__(self, dim: int, num_classes: int, width: int, depth: int, freq_dim: int = 64):
         super().__init__()
         self.dim, self.num_classes, self.freq_dim = dim, num_classes, freq_dim
         self.inp = nn.Linear(dim, width)
@@ -67,7 +67,7 @@ class MLP(nn.Module):
         return self.out(self.out_norm(h) * (1 + scale) + shift).view_as(x)
 
 
-def build(ctx, width: int = 256, depth: int = 4) -> MLP:
+def build(ctx, *, width: int, depth: int) -> MLP:
     spec = ctx.data
     assert spec is not None, "mlp needs a data spec"
     return MLP(int(math.prod(spec.shape)), spec.num_classes, width, depth)

@@ -26,13 +26,12 @@ def leading_or_random(b: int, share: float, rows: str, device) -> torch.Tensor:
 
 
 class MeanFlow(Objective):
-    default_sampler = "meanflow"
+    headline_metric = "mse"
 
-    def __init__(self, ctx: BuildContext, time_sampler: str = "sorted", t_mean: float = -0.4, t_std: float = 1.0,
-                 r_mean: float = -0.4, r_std: float = 1.0, fm_share: float = 0.75, fm_rows: str = "first",
-                 p: float = 1.0, eps: float = 0.01, omega: float = 1.0, kappa: float = 0.5, cfg_t_min: float = 0.0,
-                 cfg_t_max: float = 1.0, class_drop: float = 0.1, drop_rows: str = "first", jvp_mode: str = "lean",
-                 jvp_impl: str = "auto", jvp_compile: str = "auto", reuse_u_for_cfg: bool = True, jvp_fp32: bool = False):
+    def __init__(self, ctx: BuildContext, *, time_sampler: str, t_mean: float, t_std: float, r_mean: float,
+                 r_std: float, fm_share: float, fm_rows: str, p: float, eps: float, omega: float, kappa: float,
+                 cfg_t_min: float, cfg_t_max: float, class_drop: float, drop_rows: str, jvp_mode: str, jvp_impl: str,
+                 jvp_compile: str, reuse_u_for_cfg: bool, jvp_fp32: bool):
         super().__init__(ctx)
         if cfg_t_min > cfg_t_max:
             raise ValueError(f"cfg_t_min = {cfg_t_min} must be <= cfg_t_max = {cfg_t_max}")

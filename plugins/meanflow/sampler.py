@@ -11,7 +11,7 @@ from fewstep.api import BuildContext, Sampler
 
 
 class MeanFlowSampler(Sampler):
-    def __init__(self, ctx: BuildContext):
+    def __init__(self, ctx: BuildContext):  # no options
         super().__init__(ctx)
 
     @torch.no_grad()

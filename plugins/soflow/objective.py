@@ -39,12 +39,12 @@ def _mean_d(x: torch.Tensor) -> torch.Tensor:
 
 
 class SoFlow(Objective):
-    default_sampler = "soflow"
+    headline_metric = "fm_mse"
 
-    def __init__(self, ctx: BuildContext, parameterization="euler", fm_ratio=0.75, fm_t_mean=-0.2, fm_t_std=1.0,
-                 s_mean=-1.0, s_std=0.8, t_mean=0.2, t_std=0.8, min_gap=1e-4, l_schedule="exponent", r_init=0.1,
-                 r_end=0.002, total_steps=400_000, p=1.0, eps=0.01, cfg_scale=3.0, cfg_drop=0.1, mix_ratio=0.25,
-                 cfg_decay_time=0.8, cfg_decay_k=0.025):
+    def __init__(self, ctx: BuildContext, *, parameterization: str, fm_ratio: float, fm_t_mean: float, fm_t_std: float,
+                 s_mean: float, s_std: float, t_mean: float, t_std: float, min_gap: float, l_schedule: str,
+                 r_init: float, r_end: float, total_steps: int, p: float, eps: float, cfg_scale: float,
+                 cfg_drop: float, mix_ratio: float, cfg_decay_time: float, cfg_decay_k: float):
         super().__init__(ctx)
         self.sch = Scheduler(parameterization)
         self.fm_ratio = fm_ratio
@@ -59,8 +59,10 @@ class SoFlow(Objective):
             raise ValueError(f"soflow: cfg_scale = 1 requires cfg_drop = 0 and cfg_scale > 1 requires cfg_drop > 0 "
                              f"(got cfg_scale={cfg_scale}, cfg_drop={cfg_drop})")
         conditional = ctx.data is not None and ctx.data.num_classes > 0
-        # Unconditional data has no labels to guide with: CFG is off (recorded in self.cfg_active).
-        self.cfg_active = conditional and (cfg_scale != 1.0 or mix_ratio != 1.0)
+        # Training-time CFG (label dropout, guided and mixed targets) exactly when the official code turns it on:
+        # labelled data and cfg_scale > 1 (models.py get_velocity_loss / get_consistency_loss). With w = 1 the
+        # mix ratio plays no part, even when m != 1: the official target is then the plain v.
+        self.cfg_active = conditional and cfg_scale > 1.0
         self.w, self.drop, self.m = cfg_scale, cfg_drop, mix_ratio
         self.decay_time, self.decay_k = cfg_decay_time, cfg_decay_k
         self.null = ctx.data.null_class if ctx.data is not None else 0

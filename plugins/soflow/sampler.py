@@ -13,7 +13,7 @@ from fewstep.api import BuildContext, Sampler, expand_like
 
 
 class SoFlowSampler(Sampler):
-    def __init__(self, ctx: BuildContext, renoise: bool = True):
+    def __init__(self, ctx: BuildContext, *, renoise: bool):
         super().__init__(ctx)
         self.renoise = renoise
 

@@ -19,7 +19,7 @@ import torch
 import fewstep_shortcut
 from fewstep.api import (Batch, BuildContext, DataSpec, OptionError, RecipeError, Registry, Trainer, load_recipe,
                          recipe_from_dict)
-from fewstep_shortcut.objective import Shortcut
+from fewstep_shortcut import objective as shortcut_objective
 from fewstep_shortcut.sampler import ShortcutSampler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +27,12 @@ RECIPE = ROOT / "recipes" / "quickstart_shortcut.toml"
 NULL = 3
 CTX = BuildContext(data=DataSpec((2, 4, 4), NULL))  # 3 classes, null class 3
 DEFAULTS = {"bootstrap_share": 0.25, "min_log2": 0, "max_log2": 7, "time_dist": "uniform", "label_drop": 0.1}
+
+
+def Shortcut(ctx, **overrides):
+    """The objective with the declared defaults (test_registration pins DEFAULTS to the declarations); the class
+    itself takes keyword-only options without defaults, so a default lives in one place."""
+    return shortcut_objective.Shortcut(ctx, **{**DEFAULTS, **overrides})
 
 
 @pytest.fixture(autouse=True)
@@ -254,7 +260,7 @@ def test_registration_in_process_and_options(registry):
         obj_spec.options.resolve({"bootstrap_shar": 0.5})
     assert exc.value.suggestion == "bootstrap_share"
     obj = obj_spec.build(CTX, **obj_spec.options.resolve({"max_log2": 5}))
-    assert isinstance(obj, Shortcut) and obj.max_log2 == 5 and obj.null == NULL
+    assert isinstance(obj, shortcut_objective.Shortcut) and obj.max_log2 == 5 and obj.null == NULL
     assert isinstance(smp_spec.build(CTX), ShortcutSampler)
 
 
