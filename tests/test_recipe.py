@@ -96,10 +96,50 @@ def test_extends_cycle_is_an_error(tmp_path):
 
 
 def test_switching_plugin_drops_the_parents_plugin_keys(tmp_path):
-    write(tmp_path, "base.toml", BASE.replace('name = "fm"', 'name = "fm"\nlabel_drop = 0.2'))
-    child = write(tmp_path, "c.toml", 'extends = "base.toml"\n')
-    r = load_recipe(child, ["sampler.name=ode", "sampler.method=heun"])
+    """A child that names another plugin for a table starts that table afresh: the parent's plugin-specific keys
+    (fm's label_drop, ode's method) would be unknown keys of the new plugin."""
+    write(tmp_path, "base.toml", BASE.replace('name = "fm"', 'name = "fm"\nlabel_drop = 0.2')
+          + '[sampler]\nname = "ode"\nmethod = "heun"\n')
+    same = write(tmp_path, "same.toml", 'extends = "base.toml"\n[objective]\nname = "fm"\n')
+    r = load_recipe(same)  # same plugin: the parent's keys are kept
     assert r.objective.options["label_drop"] == 0.2 and r.sampler.options["method"] == "heun"
+    child = write(tmp_path, "c.toml", 'extends = "base.toml"\n[objective]\nname = "soflow"\np = 0.5\n'
+                                      '[sampler]\nname = "soflow"\n')
+    r = load_recipe(child)  # by extends
+    assert r.objective.name == "soflow" and r.objective.options["p"] == 0.5 and "label_drop" not in r.objective.options
+    assert r.sampler.name == "soflow" and "method" not in r.sampler.options
+    r = load_recipe(tmp_path / "base.toml", ["objective.name=meanflow", "sampler.name=meanflow"])  # by --set
+    assert r.objective.name == "meanflow" and "label_drop" not in r.objective.options and r.sampler.options == {}
+    # a key set after the switch survives it
+    r = load_recipe(tmp_path / "base.toml", ["objective.name=soflow", "objective.p=0.25"])
+    assert r.objective.options["p"] == 0.25
+
+
+def shipped_recipes() -> list[Path]:
+    root = Path(__file__).resolve().parent.parent
+    found = sorted((root / "recipes").glob("*.toml")) + sorted((root / "examples").rglob("recipes/*.toml"))
+    assert len(found) >= 10
+    return found
+
+
+@pytest.mark.parametrize("path", shipped_recipes(), ids=lambda p: p.name)
+def test_every_shipped_recipe_passes_check(path, monkeypatch):
+    """`fewstep check` accepts every recipe in recipes/ and examples/ (an example's recipe with its package
+    registered in-process when it is not installed: CI installs the example after the core tests)."""
+    from fewstep.registry import Registry, set_registry
+
+    parts = path.parts
+    if "examples" in parts:
+        pkg_root = Path(*parts[:parts.index("examples") + 2])
+        monkeypatch.syspath_prepend(str(pkg_root / "src"))
+        reg = Registry()
+        if not any(spec.package == pkg_root.name for spec in reg.all()):  # the example is not installed
+            import importlib
+
+            reg.register_plugin(importlib.import_module(pkg_root.name.replace("-", "_")), name=pkg_root.name)
+        set_registry(reg)
+    res = CliRunner().invoke(app, ["check", str(path)], prog_name="fewstep")
+    assert res.exit_code == 0, res.output
 
 
 def test_parse_override_uses_toml_grammar():
