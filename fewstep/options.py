@@ -8,13 +8,16 @@ choices, and fills defaults.
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
+
+from .errors import UserError
 
 _TYPE_NAMES = {int: "int", float: "float", bool: "bool", str: "str"}
 
 
-class OptionError(ValueError):
+class OptionError(UserError, ValueError):
     """A value that does not fit its declared option. `key` is the offending key."""
 
     def __init__(self, key: str, message: str, suggestion: str | None = None):
@@ -84,6 +87,8 @@ class Option:
                 self.name,
                 f"{where} must be {_TYPE_NAMES[t]}, got {type(value).__name__} {value!r}",
             )
+        if t is float and not math.isfinite(value):
+            raise OptionError(self.name, f"{where} = {value!r} is not a finite number")
         if self.choices is not None and value not in self.choices:
             sugg = nearest(str(value), [str(c) for c in self.choices]) if t is str else None
             raise OptionError(

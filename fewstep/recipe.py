@@ -10,6 +10,7 @@ raised before any work starts.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .errors import UserError
 from .options import Option, OptionError, OptionSet, nearest
 
 COMPONENT_TABLES = ("data", "backbone", "objective", "sampler")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 TABLES = COMPONENT_TABLES + ("train", "eval")
 TOP_LEVEL_KEYS = ("name", "description", "extends")
 _KIND_OF_TABLE = {"data": "dataset", "backbone": "backbone", "objective": "objective", "sampler": "sampler"}
@@ -41,7 +44,7 @@ TRAIN_OPTIONS = OptionSet([
     Option("grad_clip", float, 0.0, "clip the global grad norm to this value (0: off, the official default)", ge=0),
     Option("precision", str, "fp32", "fp32, tf32 (TF32 matmuls on CUDA) or bf16 (bf16 autocast)", choices=("fp32", "tf32", "bf16")),
     Option("device", str, "auto", "auto (CUDA when present, else CPU), cpu or cuda", choices=("auto", "cpu", "cuda")),
-    Option("seed", int, 0, "global seed; rank r uses seed * world + r", ge=0),
+    Option("seed", int, 0, "global seed; rank r uses seed * world + r", ge=0, le=2**32 - 1),
     Option("log_every", int, 50, "steps between metrics.jsonl lines", ge=1),
     Option("checkpoint_every", int, 0, "steps between checkpoints (0: only at the end)", ge=0),
     Option("keep_checkpoints", int, 2, "how many checkpoints to keep", ge=1),
@@ -54,14 +57,14 @@ EVAL_OPTIONS = OptionSet([
     Option("every", int, 0, "steps between sample grids (0: only at the end)", ge=0),
     Option("nfe", int, [1, 2], "network evaluations per sample for grids and metrics", is_list=True, ge=1),
     Option("grid", int, 64, "images per sample grid", ge=1),
-    Option("seed", int, 0, "seed of the fixed noise and labels used for grids and metrics", ge=0),
+    Option("seed", int, 0, "seed of the fixed noise and labels used for grids and metrics", ge=0, le=2**32 - 1),
     Option("metrics", str, [], "evaluator names run by `fewstep eval` and `compare`", is_list=True),
     Option("num_samples", int, 10000, "samples per metric evaluation", ge=1),
     Option("batch", int, 256, "sampling batch size", ge=1),
 ])
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe problem: file, dotted key, message and the nearest valid spelling."""
 
     def __init__(self, file: str, key: str, message: str, suggestion: str | None = None):
@@ -124,8 +127,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise RecipeError("--set", text, "an override must look like table.key=value")
     path, _, raw = text.partition("=")
     path = path.strip()
-    if "." not in path:
-        raise RecipeError("--set", path, "an override key must be table.key", nearest(path, TABLES))
+    if "." not in path and path not in TOP_LEVEL_KEYS:
+        raise RecipeError("--set", path, f"an override key must be table.key or one of {', '.join(TOP_LEVEL_KEYS)}",
+                          nearest(path, TABLES + TOP_LEVEL_KEYS))
     table, _, key = path.partition(".")
     raw = raw.strip()
     try:
@@ -147,9 +151,13 @@ def _read(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], dict[tupl
         where = str(seen[-1]) if seen else str(path)
         raise RecipeError(where, "extends" if seen else "(file)", f"recipe file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(str(path), "(syntax)", f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(str(path), "(file)", "is not a text file (a recipe is UTF-8 TOML)") from None
+    except OSError as exc:
+        raise RecipeError(str(path), "(file)", f"cannot be read: {exc.strerror or exc}") from None
     parent = raw.pop("extends", None)
     data: dict[str, Any] = {}
     origin: dict[tuple[str, str], str] = {}
@@ -183,7 +191,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, registry: 
     for text in overrides or []:
         table, key, value = parse_override(text)
         if table in TOP_LEVEL_KEYS and not key:
+            if table == "extends":
+                raise RecipeError("--set", "extends", "cannot be overridden; write a recipe that extends the other")
             data[table] = value
+            origin[(table, "")] = "--set"
             continue
         if table not in TABLES:
             raise RecipeError("--set", f"{table}.{key}", f"unknown table {table!r}", nearest(table, TABLES))
@@ -213,7 +224,10 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
         elif top not in TOP_LEVEL_KEYS:
             raise RecipeError(where(top), top, f"unknown top-level key {top!r}", nearest(top, TOP_LEVEL_KEYS + TABLES))
 
-    name = data.get("name") or Path(source).stem
+    name = data.get("name") or (re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source).stem).strip("_.") or "run")
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
+        raise RecipeError(where("name"), "name", f"{name!r} cannot name a run folder: use letters, digits, '.', '_' "
+                          f"and '-' only (no path separators; choose the folder itself with --out)")
     components: dict[str, Component] = {}
     for table in COMPONENT_TABLES:
         tbl = dict(data.get(table, {}))
@@ -230,7 +244,11 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
         kind = _KIND_OF_TABLE[table]
         names = registry.names(kind)
         if plugin not in names:
-            raise RecipeError(where(table, "name"), f"{table}.name", f"no {kind} plugin named {plugin!r} (registered: {', '.join(names) or 'none'})", nearest(plugin, names))
+            why = registry.withheld(kind, plugin)
+            if why is not None:
+                raise RecipeError(where(table, "name"), f"{table}.name", why)
+            raise RecipeError(where(table, "name"), f"{table}.name", registry.not_found(kind, plugin).replace(
+                f"no {kind} named", f"no {kind} plugin named", 1).split("; did you mean")[0], nearest(plugin, names))
         spec = registry.get(kind, plugin)
         try:
             opts = spec.options.resolve(tbl)
@@ -249,7 +267,9 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
     unknown_metrics = [m for m in resolved["eval"]["metrics"] if m not in registry.names("evaluator")]
     if unknown_metrics:
         m = unknown_metrics[0]
-        raise RecipeError(where("eval", "metrics"), "eval.metrics", f"no evaluator named {m!r} (registered: {', '.join(registry.names('evaluator')) or 'none'})", nearest(m, registry.names("evaluator")))
+        why = registry.withheld("evaluator", m)
+        raise RecipeError(where("eval", "metrics"), "eval.metrics", why or registry.not_found("evaluator", m).split(
+            "; did you mean")[0], None if why else nearest(m, registry.names("evaluator")))
     return Recipe(name=str(name), source=source, description=str(data.get("description", "")), **components,
                   train=resolved["train"], eval=resolved["eval"])
 

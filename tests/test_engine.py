@@ -113,7 +113,10 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, registry):
     res = Trainer(r, tmp_path / "run", show_progress=False).run()
     assert res.skipped_steps == 2
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["skipped_steps"] == 2 and all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    assert lines[-1]["skipped_steps"] == 2 and all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
+    # a window of only skipped steps logs no (stale) loss, and says so
+    assert [x["step"] for x in lines if "loss" not in x] == [3, 4]
+    assert all(x["skipped_in_window"] == 1 for x in lines if "loss" not in x)
     model, _ = weights(tmp_path / "run")
     assert all(torch.isfinite(v).all() for v in model.values())
 
@@ -199,9 +202,9 @@ def test_checkpoint_layout_and_safe_loading(tmp_path, tiny):
 def test_run_folder_is_not_silently_overwritten_and_resume_checks_the_recipe(tmp_path, tiny):
     Trainer(tiny(), tmp_path / "run", show_progress=False).run()
     with pytest.raises(RunFolderError, match="--resume"):
-        Trainer(tiny(), tmp_path / "run", show_progress=False)._prepare_run_dir()
+        Trainer(tiny(), tmp_path / "run", show_progress=False).run()
     with pytest.raises(RunFolderError, match="train.lr"):
-        Trainer(tiny(train={"lr": 0.5}), tmp_path / "run", resume=True, show_progress=False)._prepare_run_dir()
+        Trainer(tiny(train={"lr": 0.5}), tmp_path / "run", resume=True, show_progress=False).run()
 
 
 def test_cli_train_tiny_and_sample(tmp_path):

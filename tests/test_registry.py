@@ -76,29 +76,100 @@ def test_hook_that_raises_is_named(tmp_path, monkeypatch):
     assert any(f.plugin == "raiser" and "boom" in f.error for f in reg.failures)
 
 
-def test_duplicate_name_is_an_error_naming_both_packages(tmp_path, monkeypatch):
+def broken_reasons(reg):
+    return {f.plugin: (f.package, f.error) for f in reg.failures}
+
+
+def test_a_plugin_reusing_a_builtin_name_is_broken_and_the_builtin_keeps_working(tmp_path, monkeypatch):
     make_dist(tmp_path, "fewstep_dup", {"dup": "fewstep_dup_mod"}, {"fewstep_dup_mod": """
         import fewstep
         @fewstep.hookimpl
         def register_objectives(register):
             register("fm", "x:y", description="another fm")
+            register("dupextra", "x:y", description="also from the broken plugin")
     """})
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(RegistryError) as exc:
-        Registry().get("objective", "fm")
-    assert "'fewstep'" in str(exc.value) and "'fewstep_dup'" in str(exc.value)
+    reg = Registry()
+    assert reg.get("objective", "fm").package == "fewstep"  # the built-in keeps its name
+    package, why = broken_reasons(reg)["dup"]
+    assert package == "fewstep_dup" and "'fm'" in why and "'fewstep'" in why and "'fewstep_dup'" in why
+    with pytest.raises(RegistryError, match="broken plugin") as exc:  # its other components are withheld, with the reason
+        reg.get("objective", "dupextra")
+    assert "fewstep_dup" in str(exc.value)
 
 
-def test_misspelled_hook_is_rejected(tmp_path, monkeypatch):
+def test_two_third_party_plugins_with_one_component_name_are_both_broken(tmp_path, monkeypatch):
+    for dist in ("fewstep_one", "fewstep_two"):
+        make_dist(tmp_path, dist, {dist: f"{dist}_mod"}, {f"{dist}_mod": """
+            import fewstep
+            @fewstep.hookimpl
+            def register_samplers(register):
+                register("samename", "x:y")
+        """})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    assert {"fewstep_one", "fewstep_two"} <= set(broken_reasons(reg))
+    with pytest.raises(RegistryError, match="neither gets it"):
+        reg.get("sampler", "samename")
+    assert reg.get("sampler", "ode")
+
+
+def test_misspelled_hook_breaks_only_that_plugin(tmp_path, monkeypatch):
     make_dist(tmp_path, "fewstep_typo", {"typo": "fewstep_typo_mod"}, {"fewstep_typo_mod": """
         import fewstep
         @fewstep.hookimpl
         def register_objective(register):
-            pass
+            register("typoobj", "x:y")
     """})
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(RegistryError, match="register_objective"):
-        Registry()
+    reg = Registry()
+    package, why = broken_reasons(reg)["typo"]
+    assert package == "fewstep_typo" and "register_objective" in why and "did you mean 'register_objectives'" in why
+    assert reg.get("objective", "fm")
+
+
+def test_sys_exit_at_import_breaks_only_that_plugin(tmp_path, monkeypatch):
+    make_dist(tmp_path, "fewstep_exits", {"exits": "fewstep_exits_mod"}, {"fewstep_exits_mod": "import sys\nsys.exit(3)\n"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    assert "SystemExit(3)" in broken_reasons(reg)["exits"][1]
+    set_registry(reg)
+    res = CliRunner().invoke(app, ["plugins"], prog_name="fewstep")
+    assert res.exit_code == 0 and "exits" in res.output and "SystemExit" in res.output and "digits" in res.output
+
+
+def test_two_packages_with_one_entry_point_name_are_both_named(tmp_path, monkeypatch):
+    for dist, obj in (("fewstep_epa", "epa_obj"), ("fewstep_epb", "epb_obj")):
+        make_dist(tmp_path, dist, {"samep": f"{dist}_mod"}, {f"{dist}_mod": f"""
+            import fewstep
+            @fewstep.hookimpl
+            def register_objectives(register):
+                register("{obj}", "x:y")
+        """})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    rows = [(f.plugin, f.package) for f in reg.failures]
+    assert ("samep", "fewstep_epa") in rows and ("samep", "fewstep_epb") in rows  # neither is silently hidden
+    for obj in ("epa_obj", "epb_obj"):
+        with pytest.raises(RegistryError, match="uninstall one"):
+            reg.get("objective", obj)
+
+
+def test_a_recipe_naming_a_broken_plugins_component_gets_the_reason(tmp_path, monkeypatch):
+    make_dist(tmp_path, "fewstep_dup2", {"dup2": "fewstep_dup2_mod"}, {"fewstep_dup2_mod": """
+        import fewstep
+        @fewstep.hookimpl
+        def register_objectives(register):
+            register("fm", "x:y")
+            register("mine", "x:y")
+    """})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    set_registry(Registry())
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[data]\nname = "digits"\n[backbone]\nname = "dit"\n[objective]\nname = "mine"\n')
+    res = CliRunner().invoke(app, ["check", str(recipe)], prog_name="fewstep")
+    assert res.exit_code == 2 and "broken plugin" in res.output and "fewstep_dup2" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_load_plugins_env_selects_a_subset(monkeypatch):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,7 +37,8 @@ class DistInfo:
 
     def local_batch(self, global_batch: int) -> int:
         if global_batch % self.world:
-            raise ValueError(f"global batch {global_batch} is not divisible by the world size {self.world}")
+            raise UserError(f"train.batch = {global_batch} (the global batch) is not divisible by the "
+                            f"{self.world} processes; choose a multiple of {self.world}")
         return global_batch // self.world
 
     def barrier(self) -> None:
@@ -48,7 +51,8 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device = 'cuda' but no CUDA device is available")
+            raise UserError("device 'cuda' was asked for but no CUDA device is available here; use 'auto' "
+                            "(CUDA when present, else CPU) or 'cpu'")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

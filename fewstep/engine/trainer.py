@@ -1,16 +1,25 @@
 """One training loop for every objective.
 
-The loop knows contracts only: it asks the objective for a loss, steps the
-optimizer, updates the EMA copies, logs, samples grids and writes checkpoints.
-Rank-dependent decisions live in `distributed.py`; rank 0 alone writes.
+The loop knows contracts only: it asks the objective for a loss, steps the optimizer, updates the EMA
+copies, logs, samples grids and writes checkpoints. Rank-dependent decisions live in `distributed.py`;
+rank 0 alone writes. What the loop promises (docs/reliability.md):
+
+- the run folder is locked for the whole run (`lock.py`): a second `fewstep train` into it is refused;
+- `--force` keeps the old run until the new one has built and written its first file;
+- `--resume` needs a checkpoint, continues bit-identically from the newest complete one, and drops the
+  metrics lines logged after it;
+- SIGTERM / SIGUSR1 write a checkpoint at the next step boundary and stop (:class:`Preempted`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import json
-import math
+import os
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,24 +28,24 @@ from typing import Any
 import torch
 
 from ..build import build_components
+from ..errors import Preempted, RunFolderError, RuntimeFault
 from ..interfaces import Batch
 from ..recipe import Recipe, recipe_from_dict
 from ..sampling import generate
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_grads, broadcast_params, init_distributed
 from .ema import EMA
+from .lock import RunLock
 
 # keys that may change between a run and its resumption
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "max_seconds"), ("train", "log_every"),
                       ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device")}
+PREVIOUS = ".previous-run"  # where --force keeps the old run until the new one has written its first file
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RuntimeFault):
     """Too many consecutive non-finite steps."""
-
-
-class RunFolderError(RuntimeError):
-    """The run folder cannot be used as asked (exists without --resume, or differs from the recipe)."""
 
 
 @dataclass
@@ -50,6 +59,8 @@ class TrainResult:
     num_params: int
     final_metrics: dict[str, float] = field(default_factory=dict)
     grids: list[Path] = field(default_factory=list)
+    final_metrics_step: int = 0  # the step the final metrics were logged at (the last finite window)
+    headline: str = ""  # the objective's headline metric (a key of final_metrics)
 
 
 def _diff_recipes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -63,6 +74,37 @@ def _diff_recipes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         elif a != b and table not in ("name", "description"):
             diffs.append(f"{table}: {a!r} -> {b!r}")
     return sorted(diffs)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    from ..recipe import tomllib
+
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RunFolderError(f"{path} cannot be read as a recipe ({exc}); the run folder is damaged") from None
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 -> a flag the loop reads at each step boundary (handlers only on the main thread)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 def make_optimizer(params, train: dict[str, Any], device: torch.device) -> torch.optim.Optimizer:
@@ -88,50 +130,103 @@ class Trainer:
 
             console = Console(stderr=True)
         self.console = console
+        self._lock: RunLock | None = None
+        self._stop_group = None
 
-    # -- setup ------------------------------------------------------------------------------
-    def _prepare_run_dir(self) -> Path | None:
-        """Check the folder, write recipe.toml, and return the checkpoint to resume from (if any)."""
-        recipe_file = self.run_dir / "recipe.toml"
-        ckpt_root = self.run_dir / "checkpoints"
-        latest = ckpt.latest_checkpoint(ckpt_root)
+    # -- the run folder ---------------------------------------------------------------------
+    def _inspect_folder(self) -> Path | None:
+        """Read-only checks before anything is built; returns the checkpoint to resume from (or None)."""
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunFolderError(f"--out {run_dir} is a file, not a folder")
+        recipe_file = run_dir / "recipe.toml"
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
         if self.resume:
             if not recipe_file.is_file():
-                raise RunFolderError(f"--resume: {self.run_dir} holds no recipe.toml; nothing to resume")
-            import tomllib
-
-            old = tomllib.loads(recipe_file.read_text())
-            diffs = _diff_recipes(old, self.recipe.to_dict())
+                raise RunFolderError(f"--resume: {run_dir} holds no run (no recipe.toml); nothing to resume. Start it "
+                                     f"without --resume")
+            diffs = _diff_recipes(_read_toml(recipe_file), self.recipe.to_dict())
             if diffs:
-                raise RunFolderError(f"--resume: the recipe differs from the one {self.run_dir} was started with: "
+                raise RunFolderError(f"--resume: the recipe differs from the one {run_dir} was started with: "
                                      + "; ".join(diffs))
-        elif (latest is not None or (self.run_dir / "metrics.jsonl").exists()) and not self.force:
-            raise RunFolderError(f"run folder {self.run_dir} already holds a run; use --resume to continue it, "
+            if latest is None:
+                raise RunFolderError(f"--resume: {run_dir} has no complete checkpoint yet, so there is nothing to "
+                                     f"resume; start it again with --force (or set train.checkpoint_every)")
+            return latest
+        if (latest is not None or (run_dir / "metrics.jsonl").exists() or recipe_file.exists()) and not self.force:
+            raise RunFolderError(f"run folder {run_dir} already holds a run; use --resume to continue it, "
                                  "--out to choose another folder, or --force to start over")
-        if self.info.is_main:
-            if not self.resume and self.force and self.run_dir.exists():
-                import shutil
+        return None
 
-                for sub in ("checkpoints", "samples"):
-                    shutil.rmtree(self.run_dir / sub, ignore_errors=True)
-                (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            recipe_file.write_text(self.recipe.to_toml())
-        self.info.barrier()
-        return latest if self.resume else None
+    def _take_folder(self) -> None:
+        """Rank 0, after the build: lock the folder, clean what killed runs left, and start or continue the run.
+
+        --force moves the old run into RUN/.previous-run, writes the new recipe.toml (the new run's first file),
+        and only then deletes the old run; a failure in between puts the old run back.
+        """
+        self._lock = RunLock.acquire(self.run_dir)
+        root = self.run_dir / "checkpoints"
+        ckpt.clean_leftovers(root)
+        prev = self.run_dir / PREVIOUS
+        if prev.is_dir():  # a --force that was killed before its first file: the old run comes back
+            if (self.run_dir / "recipe.toml").exists():
+                shutil.rmtree(prev, ignore_errors=True)
+            else:
+                for item in prev.iterdir():
+                    os.replace(item, self.run_dir / item.name)
+                prev.rmdir()
+        recipe_file = self.run_dir / "recipe.toml"
+        if self.resume:
+            return
+        moved = []
+        if self.force:
+            keep = {RunLock.name_in(self.run_dir), PREVIOUS}
+            items = [p for p in self.run_dir.iterdir() if p.name not in keep]
+            if items:
+                prev.mkdir()
+                for item in items:
+                    os.replace(item, prev / item.name)
+                    moved.append(item.name)
+        try:
+            tmp = recipe_file.with_name(f".recipe.toml.tmp-{os.getpid()}")
+            tmp.write_text(self.recipe.to_toml())
+            os.replace(tmp, recipe_file)
+        except BaseException:
+            for name in moved:
+                os.replace(prev / name, self.run_dir / name)
+            if prev.is_dir() and not any(prev.iterdir()):
+                prev.rmdir()
+            raise
+        if prev.is_dir():
+            shutil.rmtree(prev, ignore_errors=True)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, until_step: int | None = None) -> TrainResult:
         """Train to `train.steps` (or stop early at `until_step`, which still checkpoints)."""
+        info = self.info
+        resume_from = self._inspect_folder()
+        if self.recipe.train["precision"] == "tf32" and info.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        comps = build_components(self.recipe, device=info.device, registry=self.registry)
+        try:
+            if info.is_main:
+                self._take_folder()
+            info.barrier()
+            with StopRequest() as stop:
+                return self._loop(comps, resume_from, until_step, stop)
+        finally:
+            self._release()
+
+    def _loop(self, comps, resume_from: Path | None, until_step: int | None, stop: StopRequest) -> TrainResult:
         r, info = self.recipe, self.info
         tr, ev = r.train, r.eval
         device = info.device
-        if tr["precision"] == "tf32" and device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        resume_from = self._prepare_run_dir()
-
-        comps = build_components(r, device=device, registry=self.registry)
         net, objective, sampler, data = comps.net, comps.objective, comps.sampler, comps.data
         if resume_from is None:  # fresh runs only (a resume loads its own weights): warm starts, before
             objective.prepare(net)  # compile/DDP broadcast, the optimizer and the EMA copies see the weights
@@ -152,32 +247,44 @@ class Trainer:
         ema_net = copy.deepcopy(net).eval().requires_grad_(False)
 
         step = 0
+        skipped = 0
         torch.manual_seed(info.rank_seed(tr["seed"]))
         random.seed(info.rank_seed(tr["seed"]))
         if resume_from is not None:
-            net.load_state_dict(ckpt.load_weights(resume_from / "model.safetensors", device))
-            ema.load_state_dict(ckpt.load_weights(resume_from / "ema.safetensors"))
+            ckpt.load_into(net, ckpt.load_weights(resume_from / "model.safetensors", device), resume_from / "model.safetensors")
+            ema_state = ckpt.load_weights(resume_from / "ema.safetensors")
+            try:
+                ema.load_state_dict(ema_state)
+            except (KeyError, RuntimeError) as exc:
+                raise ckpt.CheckpointError(f"{resume_from / 'ema.safetensors'} does not fit this recipe's EMA copies "
+                                           f"(train.ema = {tr['ema']}): {exc}") from None
             state = ckpt.load_state(resume_from)
-            opt.load_state_dict(state["optimizer"])
-            ckpt.set_rng_state(state["rng"])
-            step = int(state["step"])
+            try:
+                opt.load_state_dict(state["optimizer"])
+                ckpt.set_rng_state(state["rng"])
+                step = int(state["step"])
+            except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+                raise ckpt.CheckpointError(f"{resume_from / 'state.pt'} does not fit this run: {exc}") from None
+            skipped = int(ckpt.read_meta(resume_from).get("skipped_steps", 0))
             if info.is_main:
+                self._truncate_metrics(step)
                 self.console.log(f"resumed from {resume_from} at step {step}")
 
         total = tr["steps"]
-        stop = min(total, until_step) if until_step is not None else total
+        stop_at = min(total, until_step) if until_step is not None else total
         local_batch = info.local_batch(tr["batch"])
         batches = data.batches(local_batch, seed=tr["seed"], start_step=step, rank=info.rank, world=info.world)
         autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if tr["precision"] == "bf16"
                     else contextlib.nullcontext())
         params = [p for p in net.parameters() if p.requires_grad]
         clip = tr["grad_clip"] if tr["grad_clip"] > 0 else float("inf")
+        headline = getattr(objective, "headline_metric", "") or ""
 
         metrics_file = self.run_dir / "metrics.jsonl"
-        window: dict[str, float] = {}
+        window: dict[str, Any] = {}
         window_n = 0
+        window_skipped = 0
         bad_in_row = 0
-        skipped = 0
         last_ckpt = str(resume_from) if resume_from is not None else None
         grids: list[Path] = []
         if device.type == "cuda":
@@ -186,12 +293,15 @@ class Trainer:
         t_window = t_start
         steps_done_here = 0
         last_metrics: dict[str, float] = {}
+        last_metrics_step = step
+        start_step = step
 
-        progress = self._progress(total) if (info.is_main and self.show_progress) else None
-        task = progress.add_task("train", total=total, completed=step, loss=float("nan"), sps=0.0) if progress else None
+        progress = self._progress(total, headline) if (info.is_main and self.show_progress) else None
+        task = (progress.add_task("train", total=total, completed=step, loss=float("nan"), head=float("nan"), sps=0.0)
+                if progress else None)
         try:
             with progress if progress is not None else contextlib.nullcontext():
-                while step < stop:
+                while step < stop_at:
                     b = next(batches)
                     batch = Batch(b.x.to(device, non_blocking=True), None if b.y is None else b.y.to(device, non_blocking=True),
                                   {k: v.to(device, non_blocking=True) for k, v in b.cond.items()})
@@ -210,48 +320,59 @@ class Trainer:
                         opt.zero_grad(set_to_none=True)
                         bad_in_row += 1
                         skipped += 1
+                        window_skipped += 1
                         step += 1
                         if info.is_main:
                             self.console.log(f"[yellow]step {step}: non-finite loss or gradient; step skipped "
                                              f"({bad_in_row} in a row)")
                         if bad_in_row >= tr["max_bad_steps"]:
                             raise TrainingDiverged(
-                                f"{bad_in_row} non-finite steps in a row, the last at step {step}; "
+                                f"training stopped: {bad_in_row} non-finite steps in a row, the last at step {step}; "
                                 f"last good checkpoint: {last_ckpt or 'none (no checkpoint written yet)'}")
-                        continue
-                    bad_in_row = 0
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    step += 1
-                    steps_done_here += 1
-                    ema.update(net, step)
-
-                    window_n += 1
-                    for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **out.metrics}.items():
-                        val = v.detach().float() if torch.is_tensor(v) else float(v)  # no sync until logged
-                        window[k] = window.get(k, 0.0) + val
-                    if step % tr["log_every"] == 0 or step == stop:
+                    else:
+                        bad_in_row = 0
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        step += 1
+                        steps_done_here += 1
+                        ema.update(net, step)
+                        window_n += 1
+                        for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **out.metrics}.items():
+                            val = v.detach().float() if torch.is_tensor(v) else float(v)  # no sync until logged
+                            window[k] = window.get(k, 0.0) + val
+                    if step % tr["log_every"] == 0 or step == stop_at:
                         now = time.perf_counter()
-                        sps = window_n / max(now - t_window, 1e-9)
-                        last_metrics = {k: float(v) / window_n for k, v in window.items()}
-                        rec = {"step": step, **last_metrics, "steps_per_s": sps, "lr": opt.param_groups[0]["lr"],
-                               "skipped_steps": skipped, "time": now - t_start}
+                        sps = (window_n + window_skipped) / max(now - t_window, 1e-9)
+                        rec: dict[str, Any] = {"step": step}
+                        if window_n:
+                            last_metrics = {k: float(v) / window_n for k, v in window.items()}
+                            last_metrics_step = step
+                            rec.update(last_metrics)
+                        rec.update({"steps_per_s": sps, "lr": opt.param_groups[0]["lr"], "skipped_steps": skipped,
+                                    "skipped_in_window": window_skipped, "time": now - t_start})
                         if info.is_main:
                             with open(metrics_file, "a") as fh:
                                 fh.write(json.dumps(rec) + "\n")
                             if progress is not None:
-                                progress.update(task, completed=step, loss=last_metrics["loss"], sps=sps)
+                                progress.update(task, completed=step, loss=rec.get("loss", float("nan")),
+                                                head=rec.get(headline, float("nan")), sps=sps)
                                 if not self.console.is_terminal:
-                                    self.console.log(f"step {step}/{total} loss {last_metrics['loss']:.4f} "
-                                                     f"{sps:.1f} steps/s")
-                        window, window_n, t_window = {}, 0, now
+                                    shown = f" {headline} {rec[headline]:.4g}" if headline in rec else ""
+                                    self.console.log(f"step {step}/{total} loss {rec.get('loss', float('nan')):.4f}"
+                                                     f"{shown} {sps:.1f} steps/s")
+                        window, window_n, window_skipped, t_window = {}, 0, 0, now
                     elif progress is not None:
                         progress.update(task, completed=step)
 
-                    if tr["checkpoint_every"] and step % tr["checkpoint_every"] == 0 and step < stop:
+                    if tr["checkpoint_every"] and step % tr["checkpoint_every"] == 0 and step < stop_at and not bad_in_row:
                         last_ckpt = str(self._checkpoint(step, net, ema, opt, skipped))
-                    if ev["every"] and step % ev["every"] == 0 and step < stop:
+                    if ev["every"] and step % ev["every"] == 0 and step < stop_at:
                         grids += self._grids(step, objective, sampler, ema, ema_net, data)
+                    if self._stop_requested(stop):
+                        path = self._checkpoint(step, net, ema, opt, skipped)
+                        name = signal.Signals(stop.signum).name if stop.signum else "a signal"
+                        raise Preempted(f"stopped by {name} at step {step}; checkpoint {path} written; continue with "
+                                        f"--resume", stop.signum or signal.SIGTERM)
                     if tr["max_seconds"] and time.perf_counter() - t_start >= tr["max_seconds"]:
                         if info.is_main:
                             self.console.log(f"wall-clock budget of {tr['max_seconds']} s reached at step {step}")
@@ -261,21 +382,54 @@ class Trainer:
                 self.console.log(f"[red]interrupted at step {step}; resume with --resume from {last_ckpt or 'the start'}")
             raise
         wall = time.perf_counter() - t_start
-        self._checkpoint(step, net, ema, opt, skipped)
+        if not (resume_from is not None and step == start_step):  # a resume with nothing left to do writes nothing new
+            self._checkpoint(step, net, ema, opt, skipped)
         grids += self._grids(step, objective, sampler, ema, ema_net, data)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
         return TrainResult(self.run_dir, step, wall, 1000 * wall / max(steps_done_here, 1), peak, skipped,
-                           num_params, last_metrics, grids)
+                           num_params, last_metrics, grids, last_metrics_step, headline)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _progress(self, total: int):
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any rank got a stop signal; ranks agree at every step boundary (a CPU all-reduce over gloo,
+        so no GPU synchronisation per step)."""
+        if not self.info.enabled:
+            return stop.signum is not None
+        import torch.distributed as dist
+
+        if self._stop_group is None:
+            self._stop_group = dist.new_group(backend="gloo")
+        flag = torch.tensor([stop.signum or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._stop_group)
+        if flag.item() and stop.signum is None:
+            stop.signum = int(flag.item())
+        return bool(flag.item())
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume: drop the lines logged after the checkpoint (they are logged again), atomically."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line)["step"]) <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        tmp = path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
+        tmp.write_text("".join(x + "\n" for x in keep))
+        os.replace(tmp, path)
+
+    def _progress(self, total: int, headline: str):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        return Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[sps]:.1f} steps/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console, transient=False,
-        )
+        cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}")]
+        if headline:
+            cols.append(TextColumn(f"{headline} " + "{task.fields[head]:.4g}"))
+        cols += [TextColumn("{task.fields[sps]:.1f} steps/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        return Progress(*cols, console=self.console, transient=False)
 
     def _checkpoint(self, step: int, net, ema: EMA, opt, skipped: int) -> Path | None:
         path = None
@@ -301,9 +455,11 @@ class Trainer:
 
 
 def load_run_recipe(run_dir: str | Path, registry: Any = None) -> Recipe:
-    import tomllib
-
-    path = Path(run_dir) / "recipe.toml"
+    """The recipe a run folder was started with; a folder that is not a run is a named RunFolderError."""
+    run_dir = Path(run_dir)
+    path = run_dir / "recipe.toml"
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir} is not a folder; give a run folder (one that `fewstep train` wrote)")
     if not path.is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder (no recipe.toml)")
-    return recipe_from_dict(tomllib.loads(path.read_text()), str(path), registry)
+        raise RunFolderError(f"{run_dir} is not a run folder (no recipe.toml); give a folder that `fewstep train` wrote")
+    return recipe_from_dict(_read_toml(path), str(path), registry)
