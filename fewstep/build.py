@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .interfaces import BuildContext, DataSource, Objective, Sampler
-from .recipe import Recipe
+from .options import OptionError
+from .recipe import Recipe, RecipeError
 from .registry import Registry, get_registry
 
 
@@ -22,13 +23,22 @@ def build_components(recipe: Recipe, device: Any = "cpu", registry: Registry | N
     import torch
 
     reg = registry or get_registry()
+
+    def build(kind: str, table: str, ctx: BuildContext) -> Any:
+        comp = recipe.component(table)
+        try:
+            return reg.get(kind, comp.name).build(ctx, **comp.options)
+        except OptionError as exc:  # a constraint the factory checks (between options, or against the data)
+            key = f"{table}.{exc.key}" if exc.key else table
+            raise RecipeError(recipe.source, key, f"{exc.message} ({kind} {comp.name!r})", exc.suggestion) from exc
+
     base = BuildContext(train_steps=recipe.train["steps"], seed=recipe.train["seed"], device=device)
-    data = reg.get("dataset", recipe.data.name).build(base, **recipe.data.options)
+    data = build("dataset", "data", base)
     ctx = BuildContext(data=data.spec, train_steps=base.train_steps, seed=base.seed, device=device)
     torch.manual_seed(recipe.train["seed"])  # identical initial weights on every rank and rerun
-    net = reg.get("backbone", recipe.backbone.name).build(ctx, **recipe.backbone.options).to(device)
-    objective = reg.get("objective", recipe.objective.name).build(ctx, **recipe.objective.options)
-    sampler = reg.get("sampler", recipe.sampler.name).build(ctx, **recipe.sampler.options)
+    net = build("backbone", "backbone", ctx).to(device)
+    objective = build("objective", "objective", ctx)
+    sampler = build("sampler", "sampler", ctx)
     return Components(data, net, objective, sampler, ctx)
 
 
