@@ -202,7 +202,8 @@ def check_options(image_size: int, model_channels: int, channel_mult: list[int],
     for r in attn_resolutions:
         if r not in resolutions:
             raise OptionError("attn_resolutions", f"unet: attention resolution {r} is not one of this U-Net's "
-                              f"resolutions {resolutions} (image size {image_size}, channel_mult = {channel_mult})")
+                              f"resolutions {resolutions} (image size {image_size}, channel_mult = {channel_mult}); set "
+                              "attn_resolutions to some of them, or to [] (the middle block always attends)")
     if (model_channels * channel_mult_noise) % 2:
         raise OptionError("channel_mult_noise", f"unet: model_channels x channel_mult_noise = "
                           f"{model_channels * channel_mult_noise} must be even (sine and cosine halves)")
