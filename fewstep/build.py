@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import BuildError, FewstepError
 from .interfaces import BuildContext, DataSource, Objective, Sampler
-from .recipe import Recipe
+from .options import OptionError
+from .recipe import Recipe, RecipeError
 from .registry import Registry, get_registry
 
 _KIND = {"data": "dataset", "backbone": "backbone", "objective": "objective", "sampler": "sampler"}
@@ -32,6 +33,9 @@ def build_one(reg: Registry, recipe: Recipe, table: str, ctx: BuildContext) -> A
     spec = reg.get(_KIND[table], comp.name)
     try:
         return spec.build(ctx, **comp.options)
+    except OptionError as exc:  # a constraint the factory checks (between options, or against the data)
+        key = f"{table}.{exc.key}" if exc.key else table
+        raise RecipeError(recipe.source, key, f"{exc.message} ({spec.kind} {comp.name!r})", exc.suggestion) from exc
     except FewstepError as exc:
         if isinstance(exc, BuildError):
             raise
@@ -46,6 +50,7 @@ def build_components(recipe: Recipe, device: Any = "cpu", registry: Registry | N
     import torch
 
     reg = registry or get_registry()
+
     base = BuildContext(train_steps=recipe.train["steps"], seed=recipe.train["seed"], device=device)
     data = build_one(reg, recipe, "data", base)
     ctx = BuildContext(data=data.spec, train_steps=base.train_steps, seed=base.seed, device=device)
