@@ -46,6 +46,22 @@ def build_one(reg: Registry, recipe: Recipe, table: str, ctx: BuildContext) -> A
                          f"built from these options: {type(exc).__name__}: {msg}") from exc
 
 
+def declared_conditions(net: Any) -> tuple[str, ...]:
+    """The extra conditions a backbone declares (`conditions`: a tuple of names, or a mapping keyed by name)."""
+    cond = getattr(net, "conditions", ()) or ()
+    return tuple(cond.keys()) if isinstance(cond, dict) else tuple(cond)
+
+
+def check_conditions(recipe: Recipe, spec: Any, net: Any) -> None:
+    """The data's extra per-row conditions must be ones the backbone takes."""
+    missing = [k for k in getattr(spec, "cond_shapes", {}) if k not in declared_conditions(net)]
+    if missing:
+        raise BuildError(f"{recipe.source}: [data] {recipe.data.name!r} gives every batch the condition(s) "
+                         f"{', '.join(missing)}, which [backbone] {recipe.backbone.name!r} does not take (it takes: "
+                         f"{', '.join(declared_conditions(net)) or 'none'}); switch them off in [data] or choose a "
+                         f"backbone that takes them")
+
+
 def build_components(recipe: Recipe, device: Any = "cpu", registry: Registry | None = None) -> Components:
     import torch
 
@@ -56,6 +72,7 @@ def build_components(recipe: Recipe, device: Any = "cpu", registry: Registry | N
     ctx = BuildContext(data=data.spec, train_steps=base.train_steps, seed=base.seed, device=device)
     torch.manual_seed(recipe.train["seed"])  # identical initial weights on every rank and rerun
     net = build_one(reg, recipe, "backbone", ctx)
+    check_conditions(recipe, data.spec, net)
     try:
         net = net.to(device)
     except (RuntimeError, AssertionError) as exc:
@@ -86,14 +103,16 @@ def check_components(recipe: Recipe, registry: Registry | None = None) -> dict[s
     ctx = BuildContext(data=spec, train_steps=base.train_steps, seed=base.seed, device=torch.device("cpu"))
     with torch.device("meta"):
         net = build_one(reg, recipe, "backbone", ctx)
+    check_conditions(recipe, spec, net)
     build_one(reg, recipe, "objective", ctx)
     build_one(reg, recipe, "sampler", ctx)
     x = torch.zeros((2, *spec.shape), device="meta")
     t = torch.full((2,), 0.5, device="meta")
     y = torch.zeros(2, dtype=torch.long, device="meta") if spec.num_classes > 0 else None
+    cond = {k: torch.zeros((2, *shape), device="meta") for k, shape in spec.cond_shapes.items()}
     try:
         with torch.no_grad():
-            out = net(x, t, t, y)
+            out = net(x, t, t, y, **cond)
     except NotImplementedError:  # an op without a meta kernel: the build itself succeeded, which is what we can say
         out = None
     except Exception as exc:  # noqa: BLE001 - a shape the backbone cannot take

@@ -36,6 +36,9 @@ class DataSpec:
     shape: tuple[int, ...]  # (C, H, W) of one sample in model space
     num_classes: int  # 0: unconditional; labels are 0..num_classes-1, null class = num_classes
     name: str = ""
+    #: the extra per-row conditions its batches carry in Batch.cond, name -> shape of one row's value
+    #: (e.g. {"augment_labels": (6,)}); the backbone must declare each in its `conditions`
+    cond_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def null_class(self) -> int:

@@ -86,9 +86,9 @@ class ECT(Objective):
     def sigma_max(self) -> float:
         return self.precond.sigma_max
 
-    def denoise(self, net, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def denoise(self, net, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None, **cond) -> torch.Tensor:
         """D(x, sigma) in the VE convention (train/eval coefficients follow net.training)."""
-        return self.precond.denoise(net, x, sigma, y)
+        return self.precond.denoise(net, x, sigma, y, **cond)
 
     # -- (t, r) --------------------------------------------------------------------------------
     def ict_grid(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +129,12 @@ class ECT(Objective):
         x_r = x0 + expand_like(r, x0) * e
 
         rng = capture_rng(x0.device)
-        d_t = self.denoise(net, x_t, t, y)  # student, with gradient
+        d_t = self.denoise(net, x_t, t, y, **batch.cond)  # student, with gradient (official: same augment labels)
         pos = r > 0
         if bool(pos.any()):
             restore_rng(rng)  # replay the student's dropout masks
             with torch.no_grad():
-                d_r = torch.nan_to_num(self.denoise(net, x_r, r, y))
+                d_r = torch.nan_to_num(self.denoise(net, x_r, r, y, **batch.cond))
             d_r = torch.where(expand_like(pos, x0), d_r, x0)
         else:
             d_r = x0

@@ -76,11 +76,12 @@ class EDMPrecond:
         """What the backbone's time inputs receive for noise level sigma: t_fm = sigma / (1 + sigma)."""
         return sigma_to_t(sigma)
 
-    def denoise(self, net, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """D(x, sigma): x (B, ...) in the VE convention, sigma (B,) > 0; returns the x0 estimate."""
+    def denoise(self, net, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None, **cond) -> torch.Tensor:
+        """D(x, sigma): x (B, ...) in the VE convention, sigma (B,) > 0; returns the x0 estimate. `cond`: the
+        batch's extra conditions (augmentation labels), handed to the backbone as they are."""
         c_skip, c_out, c_in = self.coefficients(sigma.to(x.dtype), net.training)
         t_in = self.noise_input(sigma)
-        f = net(expand_like(c_in, x) * x, t_in, t_in, y)
+        f = net(expand_like(c_in, x) * x, t_in, t_in, y, **cond)
         return expand_like(c_skip, x) * x + expand_like(c_out, x) * f.to(x.dtype)
 
 

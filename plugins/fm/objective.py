@@ -40,7 +40,7 @@ class FlowMatching(Objective):
         x_t = interpolate(x0, e, t)  # (B, C, H, W)
         v = velocity(x0, e)
         y = drop_labels(batch.y, self.label_drop, self.null)
-        v_hat = net(x_t, t, t, y)
+        v_hat = net(x_t, t, t, y, **batch.cond)
         mse = ((v_hat.float() - v) ** 2).mean()
         return LossOutput(mse, {"fm_mse": mse.detach()})
 

@@ -116,10 +116,10 @@ class _CompiledJVP:
     def __init__(self, fn: Callable, strict: bool):
         self.fn, self.compiled, self.strict, self.failed = fn, torch.compile(fn), strict, False
 
-    def __call__(self, core: nn.Module, *args):
+    def __call__(self, core: nn.Module, *args, **kwargs):
         if not self.failed:
             try:
-                return self.compiled(core, *args)
+                return self.compiled(core, *args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as exc:
                 if self.strict:
                     raise
@@ -129,7 +129,7 @@ class _CompiledJVP:
                 warnings.warn(f"jvp_compile = 'auto': torch.compile of {type(core).__name__}.forward_jvp failed "
                               f"({first[:200]}); running it eagerly (same values, slower). Set jvp_compile = 'off' "
                               "to skip compiling, or 'on' to make this an error.", RuntimeWarning, stacklevel=2)
-        return self.fn(core, *args)
+        return self.fn(core, *args, **kwargs)
 
 
 _COMPILED: "weakref.WeakKeyDictionary[nn.Module, _CompiledJVP]" = weakref.WeakKeyDictionary()
@@ -146,11 +146,11 @@ def backbone_jvp(core: nn.Module, compile: str, device: torch.device) -> Callabl
     compiled = _COMPILED.get(core)
     if compiled is None:
         compiled = _COMPILED[core] = _CompiledJVP(type(core).forward_jvp, strict=compile == "on")
-    return lambda *args: compiled(core, *args)
+    return lambda *args, **kwargs: compiled(core, *args, **kwargs)
 
 
 def u_and_dudt(net: nn.Module, z, t, r, y, v_g, mode: str = "lean", fp32: bool = False, impl: str = "auto",
-               compile: str = "off"):
+               compile: str = "off", cond: dict | None = None):
     """u = net(z, t, r, y) with gradient, and du/dt (no gradient) along (v_g, 1, 0).
 
     `net` may be DDP-wrapped: the JVP always calls the unwrapped module; in lean mode the
@@ -162,17 +162,19 @@ def u_and_dudt(net: nn.Module, z, t, r, y, v_g, mode: str = "lean", fp32: bool =
     """
     if mode not in ("lean", "single"):
         raise ValueError(f"jvp_mode must be 'lean' or 'single', got {mode!r}")
+    cond = cond or {}  # extra per-row conditions (augmentation labels): inputs of the network, not JVP variables
     core = unwrap(net)
     hand = use_backbone_jvp(core, impl)
     if mode == "single":
         if hand:
             with (torch.autocast(z.device.type, enabled=False) if fp32 else contextlib.nullcontext()):
-                u, dudt = backbone_jvp(core, compile, z.device)(z, t, r, y, v_g, torch.ones_like(t), torch.zeros_like(r))
+                u, dudt = backbone_jvp(core, compile, z.device)(z, t, r, y, v_g, torch.ones_like(t), torch.zeros_like(r),
+                                                                **cond)
             return u, dudt.detach()
         with math_attention(core):
             # always full precision: under bf16 autocast, backward through the forward-AD graph fails
             # ("expected input and grad types to match"; torch 2.11, H200), and py-meanflow runs it in fp32
-            u, dudt = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y), z, t, r, v_g, fp32=True)
+            u, dudt = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y, **cond), z, t, r, v_g, fp32=True)
         return u, dudt.detach()
     stochastic = is_stochastic(core)
     rows = None if stochastic else (t != r).nonzero().squeeze(1)  # h = 0 rows need no du/dt (clip(h) = 0)
@@ -181,19 +183,20 @@ def u_and_dudt(net: nn.Module, z, t, r, y, v_g, mode: str = "lean", fp32: bool =
     if rows is None or rows.numel() > 0:
         pick = (lambda a: a) if rows is None else (lambda a: None if a is None else a.index_select(0, rows))
         y_sub = pick(y)
+        c_sub = {k: pick(c) for k, c in cond.items()}
         if hand:
             with torch.no_grad(), (torch.autocast(z.device.type, enabled=False) if fp32 else contextlib.nullcontext()):
                 t_sub, r_sub = pick(t), pick(r)
                 _, d = backbone_jvp(core, compile, z.device)(pick(z), t_sub, r_sub, y_sub, pick(v_g),
-                                                             torch.ones_like(t_sub), torch.zeros_like(r_sub))
+                                                             torch.ones_like(t_sub), torch.zeros_like(r_sub), **c_sub)
         else:
             with torch.no_grad(), math_attention(core):
-                _, d = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y_sub), pick(z), pick(t), pick(r), pick(v_g), fp32)
+                _, d = _jvp(lambda z_, t_, r_: core(z_, t_, r_, y_sub, **c_sub), pick(z), pick(t), pick(r), pick(v_g), fp32)
         if rows is None:
             dudt = d
         else:
             dudt = dudt.index_copy(0, rows, d.to(dudt.dtype))
     set_rng(state, z.device)  # the forward below draws the dropout masks the JVP drew
     with (math_attention(core) if stochastic else contextlib.nullcontext()):  # same kernel -> same attention-dropout masks
-        u = net(z, t, r, y)
+        u = net(z, t, r, y, **cond)
     return u, dudt

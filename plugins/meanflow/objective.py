@@ -81,7 +81,7 @@ class MeanFlow(Objective):
         """
         return self._guidance(net, z, v, t, y, drop)[0]
 
-    def _guidance(self, net, z, v, t, y, drop=None, later=None):
+    def _guidance(self, net, z, v, t, y, drop=None, later=None, cond=None):
         """(v_g, pending). Guided rows in the bool mask `later` get v_c from the caller: here they receive
         omega v + (1 - omega - kappa) v_u, and `pending` (bool, B) marks them for the caller's + kappa v_c."""
         if y is None or (self.omega == 1.0 and self.kappa == 0.0):
@@ -102,7 +102,8 @@ class MeanFlow(Objective):
                 zz = torch.cat([z.index_select(0, c_rows), z.index_select(0, rows)])
                 tt = torch.cat([t.index_select(0, c_rows), t.index_select(0, rows)])
                 yy = torch.cat([y.index_select(0, c_rows), torch.full_like(rows, self.null, dtype=y.dtype)])
-                both = strip_ddp(net)(zz, tt, tt, yy).to(v.dtype)  # a compiled backbone stays compiled
+                cc = {k: torch.cat([c.index_select(0, c_rows), c.index_select(0, rows)]) for k, c in (cond or {}).items()}
+                both = strip_ddp(net)(zz, tt, tt, yy, **cc).to(v.dtype)  # a compiled backbone stays compiled
         finally:
             core.train(was_training)
         v_c_part, v_u = both[:c_rows.numel()], both[c_rows.numel():]
@@ -125,16 +126,17 @@ class MeanFlow(Objective):
         # raw errors: with p = 1 the weighted loss sits near 1 whatever the error (zhuyu-cs/MeanFlow #9)
         return LossOutput(loss, {"mse": (err / delta[0].numel()).mean().detach(), "sq_err_sum": err.mean().detach()})
 
-    def loss_core(self, net, x0, e, t, r, y=None, drop=None) -> LossOutput:
-        """The MeanFlow loss given all its randomness: data x0, noise e, times t >= r (B,), labels y, drop mask."""
+    def loss_core(self, net, x0, e, t, r, y=None, drop=None, cond=None) -> LossOutput:
+        """The MeanFlow loss given all its randomness: data x0, noise e, times t >= r (B,), labels y, drop mask, and
+        the batch's extra per-row conditions `cond` (augmentation labels: every network call on a row gets its)."""
         z = interpolate(x0, e, t)
         v = velocity(x0, e)
         # r = t rows: v_c = u(z, t, t, y) is the u forward itself; their JVP tangent is irrelevant (h = 0)
         reuse = self.reuse_u_for_cfg and y is not None and not is_stochastic(unwrap(net))
-        v_g, pending = self._guidance(net, z, v, t, y, drop, later=(t == r) if reuse else None)
+        v_g, pending = self._guidance(net, z, v, t, y, drop, later=(t == r) if reuse else None, cond=cond)
         y_in = y if (y is None or drop is None) else torch.where(drop, torch.full_like(y, self.null), y)
         u, dudt = u_and_dudt(net, z, t, r, y_in, v_g, self.jvp_mode, self.jvp_fp32, self.jvp_impl,
-                              self.jvp_compile)
+                              self.jvp_compile, cond=cond)
         if pending is not None:  # guided rows have y_in = y, so u there is v_c (without gradient)
             v_g = torch.where(expand_like(pending, z), v_g + self.kappa * u.detach().to(v_g.dtype), v_g)
         h = expand_like((t - r).clamp(0, 1), z)
@@ -149,7 +151,7 @@ class MeanFlow(Objective):
         e = torch.randn_like(x0)
         y = batch.y if (self.num_classes > 0 and batch.y is not None) else None  # unconditional: CFG off
         drop = self.drop_mask(b, x0.device) if (y is not None and self.class_drop > 0) else None
-        return self.loss_core(net, x0, e, t.to(x0.dtype), r.to(x0.dtype), y, drop)
+        return self.loss_core(net, x0, e, t.to(x0.dtype), r.to(x0.dtype), y, drop, batch.cond)
 
     def flow_map(self, net, x, t, s, y):
         """z_s = z_t - (t - s) u(z_t, t, s): exact identity at s = t."""

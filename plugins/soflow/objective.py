@@ -100,12 +100,17 @@ class SoFlow(Objective):
             dropped = torch.rand(B, device=dev) < self.drop
         else:
             dropped = torch.zeros(B, dtype=torch.bool, device=dev)
-        out = self.loss_given(net, x0, y, e, torch.cat([t_fm, t_c]), torch.cat([t_fm, s_c]), l_c, dropped)
+        out = self.loss_given(net, x0, y, e, torch.cat([t_fm, t_c]), torch.cat([t_fm, s_c]), l_c, dropped, batch.cond)
         out.metrics["r"] = r
         return out
 
-    def loss_given(self, net, x0, y, e, t, s, l_c, dropped) -> LossOutput:
-        """The deterministic part of the loss: rows[:B - len(l_c)] are FM rows (s = t), the rest consistency rows."""
+    def loss_given(self, net, x0, y, e, t, s, l_c, dropped, cond=None) -> LossOutput:
+        """The deterministic part of the loss: rows[:B - len(l_c)] are FM rows (s = t), the rest consistency rows.
+
+        `cond`: the batch's extra per-row conditions (augmentation labels); every network call on a row gets that
+        row's (official: get_velocity_loss / get_consistency_loss pass augment_labels to the student, the
+        teacher and the guidance calls)."""
+        cond = cond or {}
         B = x0.shape[0]
         nC = l_c.shape[0]
         nF = B - nC
@@ -123,14 +128,15 @@ class SoFlow(Objective):
                 xs = torch.cat([x_t, x_t[nF:]]) if need_vc else x_t
                 ts = torch.cat([t, t[nF:]]) if need_vc else t
                 ys = torch.cat([torch.full_like(y, self.null), y[nF:]]) if need_vc else torch.full_like(y, self.null)
-                vel = self.sch.velocity(_up(net(xs, ts, ts, ys)))
+                cs = {k: torch.cat([c, c[nF:]]) for k, c in cond.items()} if need_vc else cond
+                vel = self.sch.velocity(_up(net(xs, ts, ts, ys, **cs)))
                 v_u = vel[:B]
                 v_c_cons = vel[B:] if need_vc else torch.zeros_like(x_t[nF:])
 
         # student: one forward with gradient for both branches
         share_masks = nC > 0 and has_active_dropout(net)
         rng = capture_rng(x0.device) if share_masks else None
-        F = _up(net(x_t, t, s, y_in))  # (B, C, H, W)
+        F = _up(net(x_t, t, s, y_in, **cond))  # (B, C, H, W)
 
         metrics: dict[str, torch.Tensor | float] = {}
         total = x0.new_zeros(())
@@ -161,9 +167,9 @@ class SoFlow(Objective):
                     # replay the student's masks: teacher rows sit where the student's consistency rows sat
                     restore_rng(rng)
                     x_in = torch.cat([x_t[:nF], x_l])
-                    F_l = _up(net(x_in, torch.cat([t[:nF], ll]), s, y_in))[nF:]
+                    F_l = _up(net(x_in, torch.cat([t[:nF], ll]), s, y_in, **cond))[nF:]
                 else:
-                    F_l = _up(net(x_l, ll, ss, None if y_in is None else y_in[nF:]))
+                    F_l = _up(net(x_l, ll, ss, None if y_in is None else y_in[nF:], **{k: c[nF:] for k, c in cond.items()}))
                 f_l = self.sch.f(x_l, F_l, ll, ss)
                 f_t = self.sch.f(xt, F_t.detach(), tt, ss)
                 q = (f_t - f_l) / expand_like(tt - ll, xt)  # finite-difference quotient
