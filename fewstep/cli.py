@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from .interfaces import DataError
 from .options import OptionError
 from .recipe import RecipeError, load_recipe
 from .registry import RegistryError, get_registry
@@ -109,7 +110,7 @@ def train(
     try:
         trainer = Trainer(r, run_dir, resume=resume, force=force, console=err)
         res = trainer.run()
-    except (RunFolderError, RegistryError, RecipeError) as exc:
+    except (RunFolderError, RegistryError, RecipeError, DataError) as exc:
         _fail(str(exc))
     except TrainingDiverged as exc:
         _fail(f"training stopped: {exc}", code=1)
@@ -145,7 +146,7 @@ def sample(
 
     try:
         loaded = load_model(run, ema_index=ema)
-    except (RegistryError, RecipeError, FileNotFoundError) as exc:
+    except (RegistryError, RecipeError, FileNotFoundError, DataError) as exc:
         _fail(str(exc))
     from .images import to_uint8
     from .sampling import generate

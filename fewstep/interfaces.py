@@ -29,6 +29,11 @@ if TYPE_CHECKING:  # torch is imported lazily: this module is read by the CLI
     from torch import Tensor, nn
 
 
+class DataError(ValueError):
+    """Data a user pointed at cannot be used as asked (missing or unreadable files, a cache made for other
+    settings). The message is one line naming the file or option and what to do; the CLI prints it and exits 2."""
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What a data source yields: the model-space tensors (pixels or latents)."""
