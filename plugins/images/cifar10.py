@@ -50,7 +50,7 @@ CACHE_VERSION = 1
 
 _ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                     ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                    ("numpy._core.multiarray", "scalar")}
+                    ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}  # protocol 2 writes bytes via encode
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -60,7 +60,7 @@ class _BatchUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a CIFAR batch holds only arrays, "
                                          "lists and strings)")
-        if module.startswith("numpy.core") and importlib.util.find_spec("numpy._core") is not None:
+        if module.startswith("numpy.core.") and importlib.util.find_spec("numpy._core") is not None:
             module = module.replace("numpy.core", "numpy._core", 1)  # numpy 2 moved it (same object)
         return getattr(importlib.import_module(module), name)
 
