@@ -67,9 +67,14 @@ class Scan:
 
 
 def scan_folder(root: str | Path, resolution: int, *, small_images: str, bad_images: str, check: str, workers: int,
-                cache_dir: str, what: str = "imagefolder") -> Scan:
+                cache_dir: str, what: str = "imagefolder", cli: bool = False) -> Scan:
     """List root/<class>/*, read every header (cached), and apply the policies for unreadable images and images
-    smaller than `resolution`; DataError names the files when a policy says "error"."""
+    smaller than `resolution`; DataError names the files when a policy says "error" (and the option to change,
+    as a command-line flag when `cli`)."""
+
+    def setting(key: str, value: str) -> str:
+        return f"--{key.replace('_', '-')} {value}" if cli else f"{key} = \"{value}\""
+
     fl: FileList = list_class_folders(Path(root), what)
     sig = signature([SCAN_VERSION, check, fl.signature()])
     croot = cache_root(cache_dir)
@@ -99,14 +104,15 @@ def scan_folder(root: str | Path, resolution: int, *, small_images: str, bad_ima
     bad = sorted(int(i) for i in errors)
     if bad and bad_images == "error":
         shown = [f"{fl.root / fl.files[i]} ({errors[str(i)]})" for i in bad]
-        raise DataError(f"{what}: {len(bad)} unreadable image(s): {_examples(shown, 2)}; set bad_images = \"skip\" "
+        raise DataError(f"{what}: {len(bad)} unreadable image(s): {_examples(shown, 2)}; set {setting('bad_images', 'skip')} "
                         "to leave them out")
     skip = set(bad)
     small = [i for i, (w, h) in enumerate(sizes) if i not in skip and min(w, h) < resolution]
     if small and small_images == "error":
         shown = [f"{fl.files[i]} ({sizes[i][0]}x{sizes[i][1]})" for i in small]
         raise DataError(f"{what}: {len(small)} image(s) in {fl.root} are smaller than the {resolution}px crop: "
-                        f"{_examples(shown)}; set small_images = \"upscale\" (ADM's bicubic enlargement) or \"skip\"")
+                        f"{_examples(shown)}; set {setting('small_images', 'upscale')} (ADM's bicubic enlargement) or "
+                        f"{setting('small_images', 'skip')}")
     if small_images == "skip":
         skip |= set(small)
     keep = [i for i in range(len(fl.files)) if i not in skip]

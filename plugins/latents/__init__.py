@@ -51,6 +51,8 @@ def register_commands(app):
         check: Annotated[str, typer.Option(metavar="header|decode", help="what the scan reads of every file first")] = "header",
         dtype: Annotated[str, typer.Option(metavar="fp32|bf16|fp16", help="encoder precision (stored: fp16)")] = "fp32",
         device: Annotated[str, typer.Option(metavar="auto|cuda|cpu", help="where the encoder runs")] = "auto",
+        cache_dir: Annotated[str, typer.Option(metavar="DIR", help="where the folder scan is cached (auto: "
+                                               "$FEWSTEP_CACHE, else ~/.cache/fewstep; \"\": nowhere)")] = "auto",
         progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     ) -> None:
         """Encode every image of a folder once with the VAE: posterior mean and std (fp16) in resumable shards.
@@ -87,7 +89,7 @@ def register_commands(app):
         try:
             res = cache_latents(source=folder, out=out, resolution=resolution, vae=vae, batch=batch, workers=workers,
                                 shard_size=shard_size, small_images=small_images, bad_images=bad_images, check=check,
-                                dtype=dtype, device=device, show_progress=progress)
+                                dtype=dtype, device=device, cache_dir=cache_dir, show_progress=progress)
         except DataError as exc:
             err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)

@@ -101,13 +101,13 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def cache_latents(*, source: str, out: Path, resolution: int, vae: str, batch: int, workers: int, shard_size: int,
-                  small_images: str, bad_images: str, check: str, dtype: str, device: str,
+                  small_images: str, bad_images: str, check: str, dtype: str, device: str, cache_dir: str,
                   show_progress: bool = True) -> CacheResult:
     out = Path(out).expanduser()
     rank, world, barrier = _dist()
     dev = resolve_device(device)
     scan = scan_folder(source, resolution, small_images=small_images, bad_images=bad_images, check=check,
-                       workers=workers, cache_dir="auto", what="cache-latents")
+                       workers=workers, cache_dir=cache_dir, what="cache-latents", cli=True)
     model, fp = V.load_vae(vae, dev, dtype)
     factor = V.downsampling(model)
     if resolution % factor:
