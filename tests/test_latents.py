@@ -223,3 +223,24 @@ def test_the_real_sd_vae_config_has_83_65m_parameters_and_downsamples_by_8():
     assert V.downsampling(vae) == 8 and vae.config.scaling_factor == V.DEFAULT_SCALING
     mean, std = V.encode(vae, torch.zeros(1, 3, 16, 16))
     assert mean.shape == std.shape == (1, 4, 2, 2) and (std > 0).all()
+
+
+def test_registration_and_the_command_help_import_no_torch():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, typer
+        from typer.testing import CliRunner
+        import fewstep_plugins.images, fewstep_plugins.latents
+        app = typer.Typer()
+        fewstep_plugins.latents.register_commands(app)
+        app.command("noop")(lambda: None)
+        r = CliRunner().invoke(app, ["cache-latents", "--help"])
+        assert r.exit_code == 0 and "--shard-size" in r.output, r.output
+        heavy = [m for m in ("torch", "diffusers", "numpy", "PIL") if m in sys.modules]
+        assert not heavy, heavy
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout

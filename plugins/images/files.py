@@ -17,6 +17,8 @@ from fewstep.api import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 ENV_CACHE = "FEWSTEP_CACHE"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask (there is no getter)
 
 
 def is_image_name(name: str) -> bool:
@@ -51,6 +53,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # some writers (safetensors) create 0600 files; caches may be shared
         os.replace(tmp, path)
         return True
     except OSError:
