@@ -244,3 +244,15 @@ def test_registration_and_the_command_help_import_no_torch():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr + out.stdout
+
+
+def test_trains_a_few_steps_on_latents_and_decodes_the_grid(world, tmp_path):
+    from conftest import tiny_dict
+    from fewstep.api import Trainer, recipe_from_dict
+
+    d = tiny_dict(train={"steps": 2, "batch": 4}, eval={"grid": 4})
+    d["data"] = {"name": "latents", "root": str(world["out"]), "vae": world["vae"], "resolution": RES, "workers": 0}
+    r = recipe_from_dict(d)
+    res = Trainer(r, tmp_path / "run", show_progress=False).run()
+    assert res.step == 2 and math.isfinite(res.final_metrics["loss"])
+    assert Image.open(res.grids[-1]).size == (2 * RES + 6, 2 * RES + 6)  # 2 x 2 decoded 32 px images, 2 px padding

@@ -186,9 +186,10 @@ def _diag(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def inverse_affine(d: AugmentDraw, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The map from an output pixel p to the input point A (p - t) it samples, in pixel units centred on the
-    image (x to the right, y down). The forward transform scales, then rotates, then scales anisotropically,
-    then translates by t: A^-1 = T-less part of that chain. Returns A (n, 2, 2) and t (n, 2), float64."""
+    """Output pixel p shows input point A (p - t) (pixel units, centred on the image, x right, y down). The
+    forward transform scales, rotates, scales anisotropically, then translates by t; A is the inverse of its
+    linear part, A = S(1/s) R(w) R(-r) diag(1/sa, sa) R(r) as in the official matrix chain. Returns A (n, 2, 2)
+    and t (n, 2), float32 (built in float64)."""
     d64 = AugmentDraw(*(getattr(d, f).double() for f in d.__dataclass_fields__))
     s = torch.exp2(d64.scale * SCALE_STD)
     sa = torch.exp2(d64.aniso * ANISO_STD)

@@ -32,8 +32,8 @@ import torch
 
 from fewstep.api import Batch, BuildContext, DataError, DataSpec, index_stream
 
-from .files import (atomic_write, cache_root, decode_many, list_class_folders, progress_bar, read_tar_tree,
-                    signature, stat_signature)
+from .files import (atomic_write, cache_root, decode_many, list_class_folders, main_process_first, progress_bar,
+                    read_tar_tree, signature, stat_signature)
 from .source import PixelSource, make_augment_pipe, rank_batches, reference_order
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -205,7 +205,8 @@ class Cifar10(PixelSource):
         self._load = dict(download_ok=download, cache_dir=cache_dir, bad_images=bad_images)
         self.device = torch.device(ctx.device) if keep_on_device else torch.device("cpu")
         self.conditional = conditional
-        x, y, self.source = load_split(self.root, split, **self._load)
+        with main_process_first():  # under torchrun rank 0 decodes and caches, the others read the cache
+            x, y, self.source = load_split(self.root, split, **self._load)
         if limit:
             x, y = x[:limit], y[:limit]
         self.images = x.to(self.device)  # uint8 (N, 3, 32, 32)
@@ -229,7 +230,8 @@ class Cifar10(PixelSource):
         if split not in SPLITS:
             raise DataError(f"cifar10: no split {split!r}; CIFAR-10 has {', '.join(SPLITS)}")
         if split not in self._splits:
-            self._splits[split] = load_split(self.root, split, **self._load)[0]
+            with main_process_first():
+                self._splits[split] = load_split(self.root, split, **self._load)[0]
         return self._splits[split]
 
     def reference_batches(self, split: str = "train", batch_size: int = 256, limit: int | None = None,

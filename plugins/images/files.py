@@ -216,6 +216,21 @@ def read_tar_tree(path: Path, what: str) -> tuple[list[str], list[bytes], str]:
     return [names[i] for i in order], [blobs[i] for i in order], "/".join(sorted(tops))
 
 
+# -- several processes ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Under torchrun (process group initialised), rank 0 runs the block first and the other ranks after it,
+    so that they find what it cached (a folder scan, a decoded split) instead of all doing the work at once."""
+    dist = torch.distributed
+    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if active and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if active and dist.get_rank() == 0:
+        dist.barrier()
+
+
 # -- progress --------------------------------------------------------------------------------------
 
 def is_main_process() -> bool:

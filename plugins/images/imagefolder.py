@@ -19,8 +19,8 @@ import torch
 from fewstep.api import Batch, BuildContext, DataError, DataSpec, index_stream
 
 from .crop import adm_center_crop
-from .files import (FileList, _examples, atomic_write, cache_root, list_class_folders, open_rgb, progress_bar,
-                    signature)
+from .files import (FileList, _examples, atomic_write, cache_root, list_class_folders, main_process_first, open_rgb,
+                    progress_bar, signature)
 from .source import PixelSource, make_augment_pipe, rank_batches, reference_order
 
 SCAN_VERSION = 1
@@ -68,6 +68,14 @@ class Scan:
 
 def scan_folder(root: str | Path, resolution: int, *, small_images: str, bad_images: str, check: str, workers: int,
                 cache_dir: str, what: str = "imagefolder", cli: bool = False) -> Scan:
+    """The checked images of root/<class>/*; under torchrun rank 0 scans first and the others read its cache."""
+    with main_process_first():
+        return _scan_folder(root, resolution, small_images=small_images, bad_images=bad_images, check=check,
+                            workers=workers, cache_dir=cache_dir, what=what, cli=cli)
+
+
+def _scan_folder(root: str | Path, resolution: int, *, small_images: str, bad_images: str, check: str, workers: int,
+                 cache_dir: str, what: str, cli: bool) -> Scan:
     """List root/<class>/*, read every header (cached), and apply the policies for unreadable images and images
     smaller than `resolution`; DataError names the files when a policy says "error" (and the option to change,
     as a command-line flag when `cli`)."""
