@@ -20,7 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .hookspecs import hookimpl
-from .interfaces import Batch, BuildContext, DataSource, DataSpec, Evaluator, LossOutput, Objective, Sampler
+from .interfaces import Batch, BuildContext, DataError, DataSource, DataSpec, Evaluator, LossOutput, Objective, Sampler
 from .options import Option, OptionError
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .registry import PluginSpec, Registry, RegistryError
@@ -66,6 +66,7 @@ __all__ = [
     "Objective",
     "Sampler",
     "DataSource",
+    "DataError",
     "Evaluator",
     # testing and tooling
     "Registry",

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from .cli import SetOpt, _fail, _load, app, console, err
+from .interfaces import DataError
 from .options import OptionError
 from .recipe import RecipeError
 from .registry import RegistryError
@@ -88,7 +89,7 @@ def eval_cmd(
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err) as progress:
             payload = evaluate_run(run, nfes, settings, options, ema_index=ema, progress=progress)
-    except (CompareError, RegistryError, RecipeError, OptionError, FileNotFoundError) as exc:
+    except (CompareError, RegistryError, RecipeError, OptionError, FileNotFoundError, DataError) as exc:
         _fail(str(exc))
     target = out or run / "eval.json"
     write_json(target, payload)
@@ -206,7 +207,7 @@ def compare(
         spec.seeds = sorted({load_run_recipe(d).train["seed"] for d in run_dirs})
     try:
         result = run_compare(spec, err, runs=run_dirs)
-    except (CompareError, RegistryError, RecipeError, OptionError) as exc:
+    except (CompareError, RegistryError, RecipeError, OptionError, DataError) as exc:
         _fail(str(exc))
     from .compare import render_table
 

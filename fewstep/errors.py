@@ -39,6 +39,11 @@ class CheckpointError(UserError):
     """A checkpoint file that cannot be used: truncated, from another model, not a fewstep checkpoint."""
 
 
+class DataError(UserError, ValueError):
+    """Data a user pointed at cannot be used as asked (missing or unreadable files, a cache made for other
+    settings). The message is one line naming the file or option and what to do; the CLI prints it and exits 2."""
+
+
 class RunFolderError(UserError):
     """The run folder cannot be used as asked (not a run, already a run, locked, unwritable)."""
 

@@ -22,6 +22,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+from .errors import DataError  # noqa: F401  (public through fewstep.api)
+
 if TYPE_CHECKING:  # torch is imported lazily: this module is read by the CLI
     from pathlib import Path
 
