@@ -329,11 +329,17 @@ class Registry:
         for impl in self.pm.hook.register_commands.get_hookimpls():
             if impl.plugin_name in broken:
                 continue
+            n_cmds, n_groups = len(app.registered_commands), len(app.registered_groups)
             try:
                 impl.function(app=app)
+                import typer.main
+
+                typer.main.get_command(app)  # a command Typer cannot build would break every command later
             except (Exception, SystemExit) as exc:  # noqa: BLE001
+                del app.registered_commands[n_cmds:]
+                del app.registered_groups[n_groups:]
                 self._fail(impl.plugin_name, self._packages.get(impl.plugin_name, ("?",))[0],
-                           f"register_commands raised {type(exc).__name__}: {exc}")
+                           f"register_commands: {type(exc).__name__}: {exc}")
 
 
 _DEFAULT: Registry | None = None

@@ -202,3 +202,33 @@ def test_cli_help_and_plugins_do_not_import_heavy_packages():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr + out.stdout
+
+
+def test_a_plugin_command_typer_cannot_build_is_dropped_and_the_cli_works(tmp_path, monkeypatch):
+    import typer
+
+    make_dist(tmp_path, "fewstep_badcmd", {"badcmd": "fewstep_badcmd_mod"}, {"fewstep_badcmd_mod": """
+        import fewstep
+        @fewstep.hookimpl
+        def register_commands(app):
+            @app.command("oops")
+            def oops(x: object):  # Typer has no parameter type for `object`
+                pass
+    """})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry()
+    test_app = typer.Typer()
+
+    @test_app.command()
+    def hello():
+        print("hi")
+
+    @test_app.command()
+    def other():
+        pass
+
+    reg.add_commands(test_app)
+    names = [c.callback.__name__ for c in test_app.registered_commands]
+    assert names[:2] == ["hello", "other"] and "oops" not in names  # built-in plugin commands may follow
+    assert any(f.plugin == "badcmd" and "register_commands" in f.error for f in reg.failures)
+    assert CliRunner().invoke(test_app, ["hello"]).output.strip() == "hi"
