@@ -11,6 +11,7 @@ from .build import build_components
 from .engine import checkpoint as ckpt
 from .engine.distributed import resolve_device
 from .engine.trainer import load_run_recipe
+from .errors import RunFolderError
 from .interfaces import DataSource, Objective, Sampler
 from .recipe import Recipe
 
@@ -31,13 +32,14 @@ def load_model(run_dir: str | Path, ema_index: int = 0, device: str = "auto", re
     recipe = load_run_recipe(run_dir, registry)
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if latest is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+        raise RunFolderError(f"{run_dir} has no checkpoint yet (its training has not written one); wait for the first "
+                             f"checkpoint, or resume the run")
     dev = resolve_device(device)
     comps = build_components(recipe, device=dev, registry=registry)
     if ema_index < 0:
         state = ckpt.load_weights(latest / "model.safetensors", dev)
     else:
         state = ckpt.load_ema_weights(latest, ema_index, dev)
-    comps.net.load_state_dict(state)
+    ckpt.load_into(comps.net, state, latest / ("model.safetensors" if ema_index < 0 else "ema.safetensors"))
     comps.net.eval()
     return LoadedRun(recipe, comps.net, comps.objective, comps.sampler, comps.data, dev, latest)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..build import build_components
-from ..errors import Preempted, RunFolderError, RuntimeFault
+from ..errors import BuildError, FewstepError, Preempted, RunFolderError, RuntimeFault
 from ..interfaces import Batch
 from ..recipe import Recipe, recipe_from_dict
 from ..sampling import generate
@@ -145,7 +145,9 @@ class Trainer:
             if not recipe_file.is_file():
                 raise RunFolderError(f"--resume: {run_dir} holds no run (no recipe.toml); nothing to resume. Start it "
                                      f"without --resume")
-            diffs = _diff_recipes(_read_toml(recipe_file), self.recipe.to_dict())
+            # the old recipe resolved like the new one: an option added since (at its default) is no difference
+            old = recipe_from_dict(_read_toml(recipe_file), str(recipe_file), self.registry).to_dict()
+            diffs = _diff_recipes(old, self.recipe.to_dict())
             if diffs:
                 raise RunFolderError(f"--resume: the recipe differs from the one {run_dir} was started with: "
                                      + "; ".join(diffs))
@@ -229,7 +231,13 @@ class Trainer:
         device = info.device
         net, objective, sampler, data = comps.net, comps.objective, comps.sampler, comps.data
         if resume_from is None:  # fresh runs only (a resume loads its own weights): warm starts, before
-            objective.prepare(net)  # compile/DDP broadcast, the optimizer and the EMA copies see the weights
+            try:  # compile/DDP broadcast, the optimizer and the EMA copies see the weights
+                objective.prepare(net)
+            except FewstepError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. a warm-start path that does not exist
+                raise BuildError(f"{r.source}: [objective] {r.objective.name!r} could not prepare the run: "
+                                 f"{type(exc).__name__}: {exc}") from exc
         num_params = sum(p.numel() for p in net.parameters())
         model = net
         if tr["compile"]:
