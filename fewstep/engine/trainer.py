@@ -41,6 +41,7 @@ from .lock import RunLock
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "max_seconds"), ("train", "log_every"),
                       ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device")}
 PREVIOUS = ".previous-run"  # where --force keeps the old run until the new one has written its first file
+MOVED = ".moved"  # marker in PREVIOUS: the whole old run is in there
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
 
 
@@ -166,17 +167,11 @@ class Trainer:
         --force moves the old run into RUN/.previous-run, writes the new recipe.toml (the new run's first file),
         and only then deletes the old run; a failure in between puts the old run back.
         """
-        self._lock = RunLock.acquire(self.run_dir)
-        root = self.run_dir / "checkpoints"
-        ckpt.clean_leftovers(root)
+        if self._lock is None:
+            self._lock = RunLock.acquire(self.run_dir)
+        self._recover()
+        ckpt.clean_leftovers(self.run_dir / "checkpoints")
         prev = self.run_dir / PREVIOUS
-        if prev.is_dir():  # a --force that was killed before its first file: the old run comes back
-            if (self.run_dir / "recipe.toml").exists():
-                shutil.rmtree(prev, ignore_errors=True)
-            else:
-                for item in prev.iterdir():
-                    os.replace(item, self.run_dir / item.name)
-                prev.rmdir()
         recipe_file = self.run_dir / "recipe.toml"
         if self.resume:
             return
@@ -189,6 +184,7 @@ class Trainer:
                 for item in items:
                     os.replace(item, prev / item.name)
                     moved.append(item.name)
+                (prev / MOVED).touch()  # all of the old run is aside: from here on recipe.toml is the new run's
         try:
             tmp = recipe_file.with_name(f".recipe.toml.tmp-{os.getpid()}")
             tmp.write_text(self.recipe.to_toml())
@@ -196,11 +192,30 @@ class Trainer:
         except BaseException:
             for name in moved:
                 os.replace(prev / name, self.run_dir / name)
+            (prev / MOVED).unlink(missing_ok=True)
             if prev.is_dir() and not any(prev.iterdir()):
                 prev.rmdir()
             raise
         if prev.is_dir():
             shutil.rmtree(prev, ignore_errors=True)
+
+    def _recover(self) -> None:
+        """Under the lock: a --force killed before the new run's first file left the old run in RUN/.previous-run;
+        it comes back (once the new recipe.toml exists, the old run is the one to drop)."""
+        prev = self.run_dir / PREVIOUS
+        for tmp in self.run_dir.glob(".recipe.toml.tmp-*"):
+            tmp.unlink(missing_ok=True)
+        if not prev.is_dir():
+            return
+        if (prev / MOVED).exists() and (self.run_dir / "recipe.toml").exists():
+            shutil.rmtree(prev, ignore_errors=True)  # the new run had written its first file
+            return
+        for item in prev.iterdir():  # the move was cut short, or the new run never wrote its first file
+            if item.name != MOVED:
+                os.replace(item, self.run_dir / item.name)
+        (prev / MOVED).unlink(missing_ok=True)
+        prev.rmdir()
+        self.console.log(f"put back the run an interrupted --force had moved aside in {prev}")
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -211,7 +226,15 @@ class Trainer:
     def run(self, until_step: int | None = None) -> TrainResult:
         """Train to `train.steps` (or stop early at `until_step`, which still checkpoints)."""
         info = self.info
-        resume_from = self._inspect_folder()
+        if info.is_main and self.run_dir.is_dir():  # an existing folder is locked before anything is read from it
+            self._lock = RunLock.acquire(self.run_dir)
+            self._recover()
+        info.barrier()
+        try:
+            resume_from = self._inspect_folder()
+        except BaseException:
+            self._release()
+            raise
         if self.recipe.train["precision"] == "tf32" and info.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -469,5 +492,8 @@ def load_run_recipe(run_dir: str | Path, registry: Any = None) -> Recipe:
     if not run_dir.is_dir():
         raise RunFolderError(f"{run_dir} is not a folder; give a run folder (one that `fewstep train` wrote)")
     if not path.is_file():
+        if (run_dir / PREVIOUS).is_dir():
+            raise RunFolderError(f"{run_dir}: an interrupted `fewstep train --force` moved its run into {run_dir / PREVIOUS}; "
+                                 f"`fewstep train RECIPE --out {run_dir} --resume` (or --force) puts it back first")
         raise RunFolderError(f"{run_dir} is not a run folder (no recipe.toml); give a folder that `fewstep train` wrote")
     return recipe_from_dict(_read_toml(path), str(path), registry)
