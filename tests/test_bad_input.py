@@ -155,7 +155,7 @@ CASES = [
     Case("recipe-binary", lambda t: (t.joinpath("b.toml").write_bytes(b"\x89PNG\x00\xff\xfe"), ["check", str(t / "b.toml")])[1],
          2, ("b.toml", "not a text file")),
     Case("recipe-syntax", lambda t: ["check", str(text_recipe(t, "[data\nname = 1\n"))], 2, ("r.toml", "invalid TOML")),
-    Case("recipe-missing", lambda t: ["check", str(t / "nope.toml")], 2, ("nope.toml",)),
+    Case("recipe-missing", lambda t: ["check", str(t / "nope.toml")], 2, ("nope.toml", "does not exist")),
     Case("recipe-is-folder", lambda t: ["check", str(t)], 2, ("is a directory",)),
     Case("unknown-table", base_with("[trian]\nsteps = 3\n"), 2, ("trian.steps", "did you mean 'train'")),
     Case("unknown-top-key", lambda t: ["check", str(text_recipe(t, "nmae = 'x'\n" + textwrap.dedent(BASE)))],
@@ -207,7 +207,7 @@ CASES = [
     # -- components that cannot be built (check reports what train would) ------------------------------------
     Case("vector-data-image-backbone", lambda t: ["check", str(recipe(t, data={"name": "gmm"}))], 2, ("[backbone]", "dit", "image-shaped")),
     Case("bad-dit-size", lambda t: ["check", str(recipe(t, backbone={"size": "Q/2"}))], 2, ("[backbone]", "unknown DiT size")),
-    Case("dit-heads", lambda t: ["check", str(recipe(t, backbone={"hidden": 30, "heads": 4}))], 2, ("[backbone]", "dit")),
+    Case("dit-heads", lambda t: ["check", str(recipe(t, backbone={"hidden": 36, "heads": 5}))], 2, ("[backbone]", "'dit'", "AssertionError")),
     Case("dit-patch", lambda t: ["check", str(recipe(t, backbone={"size": "T/3"}))], 2, ("[backbone]", "not divisible")),
     Case("train-vector-data-image-backbone", lambda t: train(t, data={"name": "gmm"}), 2, ("[backbone]", "image-shaped")),
     Case("cuda-without-cuda", lambda t: ["check", str(recipe(t, train={"device": "cuda"}))], 2, ("train.device", "no CUDA")),
@@ -221,7 +221,7 @@ CASES = [
     Case("ect-init-from-missing", lambda t: train(t, objective={"name": "ect", "init_from": str(t / "nowhere")}),
          2, ("[objective]", "ect", "nowhere")),
     Case("unet-small-image", lambda t: ["check", str(recipe(t, backbone={"name": "unet", "channel_mult": [1, 1, 1, 1, 1]}))],
-         2, ("backbone",)),
+         2, ("backbone.channel_mult", "not divisible")),
     Case("cifar10-no-root", lambda t: ["check", str(recipe(t, data={"name": "cifar10", "root": str(t / "none")}))],
          2, ("cifar10", "none")),
     Case("imagefolder-empty", lambda t: (t.joinpath("imgs").mkdir(), ["check", str(recipe(t, data={"name": "imagefolder",
@@ -236,14 +236,14 @@ CASES = [
     Case("out-is-a-file", lambda t: (t.joinpath("f").write_text("x"), ["train", str(recipe(t)), "--out", str(t / "f")])[1],
          2, ("f", "is a file")),
     Case("out-under-a-file", lambda t: (t.joinpath("f").write_text("x"), ["train", str(recipe(t)), "--out", str(t / "f" / "run")])[1],
-         2, ("f",)),
+         2, ("f/run", "Not a directory")),
     Case("locked-run", lock_and(lambda t: train(t, "--force")), 2, (RUN, "in use by", str(os.getpid()))),
     Case("resume-truncated-weights", lambda t: (truncate(latest(trained(t)) / "model.safetensors"),
                                                 ["train", str(t / "r.toml"), "--out", str(t / RUN), "--resume",
                                                  "--set", "train.steps=4"])[1], 2, ("model.safetensors", "damaged")),
     Case("resume-truncated-state", lambda t: (truncate(latest(trained(t)) / "state.pt"),
                                               ["train", str(t / "r.toml"), "--out", str(t / RUN), "--resume",
-                                               "--set", "train.steps=4"])[1], 2, ("state.pt",)),
+                                               "--set", "train.steps=4"])[1], 2, ("state.pt", "cannot read")),
     Case("resume-other-shapes", _resume_other_shapes, 2, ("model.safetensors", "does not fit")),
     Case("resume-pickled-code", _evil_state, 2, ("state.pt", "nothing in it was executed")),
     Case("resume-torch-pickled-code", _evil_torch_state, 2, ("state.pt",)),
@@ -251,14 +251,14 @@ CASES = [
                                           ["sample", str(t / RUN), "--num", "2"])[1], 2, ("recipe.toml",)),
     # -- sample / eval -------------------------------------------------------------------------------------------
     Case("sample-not-a-run", lambda t: (t.joinpath("empty").mkdir(), ["sample", str(t / "empty")])[1], 2, ("empty", "not a run folder")),
-    Case("sample-no-checkpoint", lambda t: (_no_checkpoint(t), ["sample", str(t / RUN)])[1], 2, (RUN, "checkpoint")),
+    Case("sample-no-checkpoint", lambda t: (_no_checkpoint(t), ["sample", str(t / RUN)])[1], 2, (RUN, "has no checkpoint yet")),
     Case("sample-truncated-ema", lambda t: (truncate(latest(trained(t)) / "ema.safetensors"), ["sample", str(t / RUN), "--num", "2"])[1],
          2, ("ema.safetensors",)),
     Case("sample-missing-ema-copy", lambda t: (trained(t), ["sample", str(t / RUN), "--num", "2", "--ema", "5"])[1],
          2, ("ema.safetensors", "no EMA copy 5")),
     Case("sample-nfe-zero", lambda t: (trained(t), ["sample", str(t / RUN), "--nfe", "0"])[1], 2, ("--nfe",)),
     Case("sample-seed-huge", lambda t: (trained(t), ["sample", str(t / RUN), "--seed", str(2**64)])[1], 2, ("--seed",)),
-    Case("eval-not-a-run", lambda t: (t.joinpath("empty").mkdir(), ["eval", str(t / "empty")])[1], 2, ("empty",)),
+    Case("eval-not-a-run", lambda t: (t.joinpath("empty").mkdir(), ["eval", str(t / "empty")])[1], 2, ("empty", "not a run folder")),
     Case("eval-bad-nfe", lambda t: (trained(t), ["eval", str(t / RUN), "--nfe", "one"])[1], 2, ("--nfe",)),
 ]
 
@@ -300,3 +300,9 @@ def test_bad_input_is_named_with_the_right_exit_code(case, tmp_path, monkeypatch
     assert not (work / "EVIL_RAN").exists() and not Path("EVIL_RAN").exists()
     assert snapshot(work, keep) == before, "something outside the run folder changed"
     assert not (work / "runs").exists() or case.id == "set-name-escape"
+
+
+def test_docs_list_every_case():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "reliability.md").read_text()
+    missing = [c.id for c in CASES if f"`{c.id}`" not in text]
+    assert not missing, f"docs/reliability.md does not list {missing}"
