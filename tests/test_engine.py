@@ -225,3 +225,38 @@ def test_cli_train_tiny_and_sample(tmp_path):
     assert arr.shape == (10, 8, 8, 1) and arr.dtype == np.uint8
     res = runner.invoke(app, ["train", str(p), "--out", str(tmp_path / "run")], prog_name="fewstep")
     assert res.exit_code == 2 and "--resume" in res.output
+
+
+def test_latest_pointer_must_name_a_checkpoint_inside_the_run(tmp_path, tiny):
+    r = tiny(train={"checkpoint_every": 2})
+    Trainer(r, tmp_path / "run", show_progress=False).run()
+    root = tmp_path / "run" / "checkpoints"
+    outside = tmp_path / "elsewhere"
+    (outside / "step_99999999").mkdir(parents=True)
+    (outside / "step_99999999" / "meta.json").write_text('{"step": 99999999}')
+    for bad in ("../elsewhere/step_99999999", "/etc", "step_00000002/../../../elsewhere/step_99999999"):
+        (root / "latest").write_text(bad + "\n")
+        assert ckpt.latest_checkpoint(root) == root / "step_00000006"  # the newest complete one inside instead
+
+
+def test_skipped_steps_survive_a_resume_and_a_skipped_end_reports_no_stale_loss(tmp_path, registry):
+    registry.register_plugin(NaNAt, name="nan-at")
+    NaNAt.steps = {1, 3, 4, 5}  # 0-based steps: finished steps 2, 4, 5 and 6 are skipped
+    r = recipe_from_dict(tiny_dict(objective={"name": "fm-nan"}, train={"checkpoint_every": 3, "log_every": 3}))
+    Trainer(r, tmp_path / "run", show_progress=False).run(until_step=3)
+    res = Trainer(r, tmp_path / "run", resume=True, show_progress=False).run()
+    assert res.skipped_steps == 4  # 1 before the resume + 3 after
+    assert res.final_metrics_step == 3 and res.step == 6  # steps 4-6 all skipped: the last finite window is step 3's
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [3, 6] and "loss" not in lines[-1] and lines[-1]["skipped_steps"] == 4
+
+
+def test_set_overrides_top_level_keys(tmp_path):
+    import tomli_w
+
+    from fewstep.recipe import load_recipe
+
+    p = tmp_path / "r.toml"
+    p.write_text(tomli_w.dumps(tiny_dict()))
+    r = load_recipe(p, ["name=renamed", "description=a test"])
+    assert r.name == "renamed" and r.description == "a test"
