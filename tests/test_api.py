@@ -273,3 +273,4 @@ def test_guide_complete_example_and_its_tests_pass(guide_tree):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_toyfm.py"],
                          capture_output=True, text=True, env=env, cwd=guide_tree)
     assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+

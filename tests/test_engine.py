@@ -260,3 +260,23 @@ def test_set_overrides_top_level_keys(tmp_path):
     p.write_text(tomli_w.dumps(tiny_dict()))
     r = load_recipe(p, ["name=renamed", "description=a test"])
     assert r.name == "renamed" and r.description == "a test"
+
+
+def test_the_summary_shows_the_objectives_headline_metric_and_help_shows_default_paths(tmp_path):
+    """Under adaptive weighting the loss sits near 1 whatever the error: the bar and the final table show the
+    objective's headline metric (SoFlow: fm_mse) beside it. `--help` keeps its [default: ...] text."""
+    import tomli_w
+
+    p = tmp_path / "s.toml"
+    p.write_text(tomli_w.dumps(tiny_dict(objective={"name": "soflow", "fm_ratio": 0.5}, train={"steps": 2})))
+    res = CliRunner().invoke(app, ["train", str(p), "--out", str(tmp_path / "run")], prog_name="fewstep")
+    assert res.exit_code == 0, res.output
+    assert "fm_mse (headline)" in res.output
+    from fewstep.registry import Registry
+
+    for name, key in [("soflow", "fm_mse"), ("meanflow", "mse"), ("ect", "ect_d"), ("fm", "fm_mse")]:
+        cls = Registry().get("objective", name).load()
+        assert cls.headline_metric == key
+    for cmd, text in [("train", "[default: runs/<recipe name>]"), ("sample", "[default: RUN/samples/sample_nfe<NFE>.png]")]:
+        out = " ".join(CliRunner().invoke(app, [cmd, "--help"], prog_name="fewstep").output.split())
+        assert text in out.replace("│ ", "").replace(" │", ""), out
