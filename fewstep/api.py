@@ -19,8 +19,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .errors import UserError
 from .hookspecs import hookimpl
-from .interfaces import Batch, BuildContext, DataError, DataSource, DataSpec, Evaluator, LossOutput, Objective, Sampler
+from .interfaces import (Batch, BuildContext, DataError, DataSource, DataSpec, Evaluator, Logger, LossOutput, Objective,
+                         Sampler)
 from .options import Option, OptionError
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .registry import PluginSpec, Registry, RegistryError
@@ -67,7 +69,9 @@ __all__ = [
     "Sampler",
     "DataSource",
     "DataError",
+    "UserError",
     "Evaluator",
+    "Logger",
     # testing and tooling
     "Registry",
     "RegistryError",

@@ -49,5 +49,11 @@ def register_datasets(register):
 
 
 @hookspec
+def register_loggers(register):
+    """Register experiment loggers (factory(ctx, **options) -> fewstep.interfaces.Logger): sinks for the resolved
+    recipe, scalars, images and the summary of a run, chosen by a recipe's ``train.loggers``."""
+
+
+@hookspec
 def register_commands(app):
     """Add commands to the CLI: ``app`` is the Typer app (call ``app.command()`` / ``app.add_typer()``)."""

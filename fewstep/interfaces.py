@@ -157,6 +157,37 @@ class DataSource(abc.ABC):
                 yield images[i:i + batch_size]
 
 
+class Logger(abc.ABC):
+    """An experiment-tracking sink (metrics.jsonl, TensorBoard, Weights & Biases, ...), rank 0 only.
+
+    The trainer calls, in order: ``start`` once, ``log_scalars`` at every logged step, ``log_images`` at every
+    evaluation point, ``finish`` once at the end (also after an error or a preemption, with what is known), then
+    ``close``. A logger that raises is named in the run's output and switched off; the run and the other loggers
+    go on.
+    """
+
+    def __init__(self, ctx: BuildContext):
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    def start(self, run_dir: "Path", recipe: dict[str, Any], resume_step: int | None) -> None:
+        """A run starts in `run_dir` with the resolved `recipe` (a plain dict); `resume_step` is the step it resumes
+        from (lines logged after it will be logged again: drop them), None for a fresh run."""
+
+    @abc.abstractmethod
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Scalars of one logged step (loss, the objective's metrics, lr, steps/s, ...)."""
+
+    def log_images(self, step: int, images: dict[str, "Path"]) -> None:
+        """Pictures written at an evaluation point, name -> PNG file (e.g. "samples/nfe1"). Default: nothing."""
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The run's summary (steps, wall time, final metrics, how it ended). Default: nothing."""
+
+    def close(self) -> None:
+        """Release files and connections. Default: nothing."""
+
+
 class Evaluator(abc.ABC):
     """Given generated samples and a reference, returns named metrics."""
 

@@ -26,7 +26,7 @@ from .options import Option, OptionError, OptionSet, nearest
 
 COMPONENT_TABLES = ("data", "backbone", "objective", "sampler")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-TABLES = COMPONENT_TABLES + ("train", "eval")
+TABLES = COMPONENT_TABLES + ("train", "eval", "loggers")
 TOP_LEVEL_KEYS = ("name", "description", "extends")
 _KIND_OF_TABLE = {"data": "dataset", "backbone": "backbone", "objective": "objective", "sampler": "sampler"}
 
@@ -51,6 +51,8 @@ TRAIN_OPTIONS = OptionSet([
     Option("max_bad_steps", int, 5, "consecutive non-finite steps that stop the run", ge=1),
     Option("max_seconds", float, 0.0, "wall-clock training budget in seconds (0: none); stops early at a step boundary", ge=0),
     Option("compile", bool, False, "torch.compile the backbone"),
+    Option("loggers", str, ["jsonl"], "experiment loggers (plugins), each configured in its own [loggers.<name>] table; "
+           "jsonl writes metrics.jsonl (fewstep plot, compare and resume read it)", is_list=True),
 ])
 
 EVAL_OPTIONS = OptionSet([
@@ -94,6 +96,7 @@ class Recipe:
     train: dict[str, Any]
     eval: dict[str, Any]
     description: str = ""
+    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)  # train.loggers, in order -> resolved options
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
@@ -104,6 +107,8 @@ class Recipe:
             out[table] = {"name": comp.name, **_drop_none(comp.options)}
         out["train"] = _drop_none(self.train)
         out["eval"] = _drop_none(self.eval)
+        if self.loggers:
+            out["loggers"] = {name: _drop_none(opts) for name, opts in self.loggers.items()}
         return out
 
     def to_toml(self) -> str:
@@ -199,6 +204,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, registry: 
         if table not in TABLES:
             raise RecipeError("--set", f"{table}.{key}", f"unknown table {table!r}", nearest(table, TABLES))
         tbl = data.setdefault(table, {})
+        if table == "loggers":  # --set loggers.<name>.<key>=value
+            logger, _, opt = key.partition(".")
+            if not opt:
+                raise RecipeError("--set", f"loggers.{key}", "a logger option is set as loggers.<name>.<key>=value")
+            tbl.setdefault(logger, {})[opt] = value
+            origin[("loggers", logger)] = "--set"
+            continue
         if key == "name" and tbl.get("name") not in (None, value):
             tbl.clear()  # switching plugin drops the previous plugin's keys
         tbl[key] = value
@@ -264,6 +276,30 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
             raise RecipeError(where(table, exc.key), f"{table}.{exc.key}", exc.message, exc.suggestion) from None
     if len(resolved["train"]["betas"]) != 2:
         raise RecipeError(where("train", "betas"), "train.betas", f"needs exactly two values, got {resolved['train']['betas']}")
+    loggers: dict[str, dict[str, Any]] = {}
+    tables = data.get("loggers", {})
+    if not isinstance(tables, dict):
+        raise RecipeError(where("loggers"), "loggers", "must be a table of [loggers.<name>] tables")
+    for lname in resolved["train"]["loggers"]:
+        if lname in loggers:
+            raise RecipeError(where("train", "loggers"), "train.loggers", f"names logger {lname!r} twice")
+        if lname not in registry.names("logger"):
+            why = registry.withheld("logger", lname)
+            raise RecipeError(where("train", "loggers"), "train.loggers", why or registry.not_found("logger", lname).split(
+                "; did you mean")[0], None if why else nearest(lname, registry.names("logger")))
+        opts = tables.get(lname, {})
+        if not isinstance(opts, dict):
+            raise RecipeError(where("loggers", lname), f"loggers.{lname}", "must be a table of that logger's options")
+        try:
+            loggers[lname] = registry.get("logger", lname).options.resolve(dict(opts))
+        except OptionError as exc:
+            raise RecipeError(where("loggers", lname), f"loggers.{lname}.{exc.key}", f"{exc.message} (logger {lname!r})",
+                              exc.suggestion) from None
+    for lname in tables:
+        if lname not in loggers:
+            raise RecipeError(where("loggers", lname), f"loggers.{lname}", f"configures logger {lname!r}, which "
+                              f"train.loggers does not list ({resolved['train']['loggers']}); add it there or drop the table",
+                              nearest(lname, resolved["train"]["loggers"]))
     unknown_metrics = [m for m in resolved["eval"]["metrics"] if m not in registry.names("evaluator")]
     if unknown_metrics:
         m = unknown_metrics[0]
@@ -271,7 +307,7 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
         raise RecipeError(where("eval", "metrics"), "eval.metrics", why or registry.not_found("evaluator", m).split(
             "; did you mean")[0], None if why else nearest(m, registry.names("evaluator")))
     return Recipe(name=str(name), source=source, description=str(data.get("description", "")), **components,
-                  train=resolved["train"], eval=resolved["eval"])
+                  train=resolved["train"], eval=resolved["eval"], loggers=loggers)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", registry: Any = None) -> Recipe:

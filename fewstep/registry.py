@@ -26,13 +26,14 @@ from . import hookspecs
 from .errors import UserError
 from .options import Option, OptionSet, nearest
 
-KINDS = ("backbone", "objective", "sampler", "evaluator", "dataset")
+KINDS = ("backbone", "objective", "sampler", "evaluator", "dataset", "logger")
 _HOOK_OF_KIND = {
     "backbone": "register_backbones",
     "objective": "register_objectives",
     "sampler": "register_samplers",
     "evaluator": "register_evaluators",
     "dataset": "register_datasets",
+    "logger": "register_loggers",
 }
 
 

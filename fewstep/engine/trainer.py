@@ -39,7 +39,8 @@ from .lock import RunLock
 
 # keys that may change between a run and its resumption
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "max_seconds"), ("train", "log_every"),
-                      ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device")}
+                      ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device"),
+                      ("train", "loggers")}
 PREVIOUS = ".previous-run"  # where --force keeps the old run until the new one has written its first file
 MOVED = ".moved"  # marker in PREVIOUS: the whole old run is in there
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
@@ -62,6 +63,7 @@ class TrainResult:
     grids: list[Path] = field(default_factory=list)
     final_metrics_step: int = 0  # the step the final metrics were logged at (the last finite window)
     headline: str = ""  # the objective's headline metric (a key of final_metrics)
+    logger_failures: list[str] = field(default_factory=list)  # loggers that raised and were switched off
 
 
 def _diff_recipes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -70,9 +72,9 @@ def _diff_recipes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         a, b = old.get(table), new.get(table)
         if isinstance(a, dict) and isinstance(b, dict):
             for k in set(a) | set(b):
-                if a.get(k) != b.get(k) and (table, k) not in _RESUMABLE_CHANGES and table != "eval":
+                if a.get(k) != b.get(k) and (table, k) not in _RESUMABLE_CHANGES and table not in ("eval", "loggers"):
                     diffs.append(f"{table}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
-        elif a != b and table not in ("name", "description"):
+        elif a != b and table not in ("name", "description", "loggers"):
             diffs.append(f"{table}: {a!r} -> {b!r}")
     return sorted(diffs)
 
@@ -86,8 +88,65 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise RunFolderError(f"{path} cannot be read as a recipe ({exc}); the run folder is damaged") from None
 
 
+class LoggerGroup:
+    """The run's loggers (rank 0): each call goes to every logger; one that raises is named once, switched off,
+    and the run goes on with the others."""
+
+    def __init__(self, loggers: list[tuple[str, Any]], console: Any):
+        self.loggers = loggers
+        self.console = console
+        self.failures: list[str] = []
+
+    @classmethod
+    def build(cls, recipe: Recipe, registry: Any, console: Any) -> "LoggerGroup":
+        from ..build import BuildError
+        from ..interfaces import BuildContext
+        from ..registry import get_registry
+
+        reg = registry or get_registry()
+        out = []
+        for name, opts in recipe.loggers.items():
+            spec = reg.get("logger", name)
+            try:
+                out.append((name, spec.build(BuildContext(train_steps=recipe.train["steps"], seed=recipe.train["seed"]),
+                                             **opts)))
+            except FewstepError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - name the logger and its package
+                raise BuildError(f"{recipe.source}: logger {name!r} (package {spec.package}) cannot be built: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        return cls(out, console)
+
+    def _each(self, method: str, *args) -> None:
+        for name, logger in list(self.loggers):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - a broken sink must not stop training
+                self.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                self.loggers = [(n, lg) for n, lg in self.loggers if n != name]
+                self.console.log(f"[yellow]logger {name!r} failed in {method} ({type(exc).__name__}: {exc}); it is "
+                                 f"switched off, the run goes on with the others")
+
+    def start(self, run_dir: Path, recipe: dict[str, Any], resume_step: int | None) -> None:
+        self._each("start", run_dir, recipe, resume_step)
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        self._each("log_scalars", step, scalars)
+
+    def log_images(self, step: int, images: dict[str, Path]) -> None:
+        self._each("log_images", step, images)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self._each("finish", summary)
+
+    def close(self) -> None:
+        self._each("close")
+        self.loggers = []
+
+
 class StopRequest:
-    """SIGTERM / SIGUSR1 -> a flag the loop reads at each step boundary (handlers only on the main thread)."""
+    """SIGTERM / SIGUSR1 / a first Ctrl-C -> a flag the loop reads at each step boundary, where the run writes a
+    checkpoint and stops (a second Ctrl-C stops at once). Handlers only on the main thread."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -95,11 +154,15 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
+            for sig in STOP_SIGNALS + (signal.SIGINT,):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signum is not None:  # a second Ctrl-C: stop now, without the checkpoint
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
@@ -239,16 +302,19 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         comps = build_components(self.recipe, device=info.device, registry=self.registry)
+        loggers = LoggerGroup.build(self.recipe, self.registry, self.console) if info.is_main else LoggerGroup([], self.console)
         try:
             if info.is_main:
                 self._take_folder()
             info.barrier()
             with StopRequest() as stop:
-                return self._loop(comps, resume_from, until_step, stop)
+                return self._loop(comps, resume_from, until_step, stop, loggers)
         finally:
+            loggers.close()
             self._release()
 
-    def _loop(self, comps, resume_from: Path | None, until_step: int | None, stop: StopRequest) -> TrainResult:
+    def _loop(self, comps, resume_from: Path | None, until_step: int | None, stop: StopRequest,
+              loggers: "LoggerGroup") -> TrainResult:
         r, info = self.recipe, self.info
         tr, ev = r.train, r.eval
         device = info.device
@@ -298,8 +364,8 @@ class Trainer:
                 raise ckpt.CheckpointError(f"{resume_from / 'state.pt'} does not fit this run: {exc}") from None
             skipped = int(ckpt.read_meta(resume_from).get("skipped_steps", 0))
             if info.is_main:
-                self._truncate_metrics(step)
                 self.console.log(f"resumed from {resume_from} at step {step}")
+        loggers.start(self.run_dir, r.to_dict(), step if resume_from is not None else None)
 
         total = tr["steps"]
         stop_at = min(total, until_step) if until_step is not None else total
@@ -311,7 +377,6 @@ class Trainer:
         clip = tr["grad_clip"] if tr["grad_clip"] > 0 else float("inf")
         headline = getattr(objective, "headline_metric", "") or ""
 
-        metrics_file = self.run_dir / "metrics.jsonl"
         window: dict[str, Any] = {}
         window_n = 0
         window_skipped = 0
@@ -374,7 +439,7 @@ class Trainer:
                     if step % tr["log_every"] == 0 or step == stop_at:
                         now = time.perf_counter()
                         sps = (window_n + window_skipped) / max(now - t_window, 1e-9)
-                        rec: dict[str, Any] = {"step": step}
+                        rec: dict[str, Any] = {}
                         if window_n:
                             last_metrics = {k: float(v) / window_n for k, v in window.items()}
                             last_metrics_step = step
@@ -382,8 +447,7 @@ class Trainer:
                         rec.update({"steps_per_s": sps, "lr": opt.param_groups[0]["lr"], "skipped_steps": skipped,
                                     "skipped_in_window": window_skipped, "time": now - t_start})
                         if info.is_main:
-                            with open(metrics_file, "a") as fh:
-                                fh.write(json.dumps(rec) + "\n")
+                            loggers.log_scalars(step, rec)
                             if progress is not None:
                                 progress.update(task, completed=step, loss=rec.get("loss", float("nan")),
                                                 head=rec.get(headline, float("nan")), sps=sps)
@@ -398,7 +462,7 @@ class Trainer:
                     if tr["checkpoint_every"] and step % tr["checkpoint_every"] == 0 and step < stop_at and not bad_in_row:
                         last_ckpt = str(self._checkpoint(step, net, ema, opt, skipped))
                     if ev["every"] and step % ev["every"] == 0 and step < stop_at:
-                        grids += self._grids(step, objective, sampler, ema, ema_net, data)
+                        grids += self._grids(step, objective, sampler, ema, ema_net, data, loggers)
                     if self._stop_requested(stop):
                         path = self._checkpoint(step, net, ema, opt, skipped)
                         name = signal.Signals(stop.signum).name if stop.signum else "a signal"
@@ -411,14 +475,24 @@ class Trainer:
         except KeyboardInterrupt:
             if info.is_main:
                 self.console.log(f"[red]interrupted at step {step}; resume with --resume from {last_ckpt or 'the start'}")
+            loggers.finish({"step": step, "status": "interrupted", "skipped_steps": skipped})
+            raise
+        except Preempted as exc:
+            loggers.finish({"step": step, "status": f"preempted: {exc}", "skipped_steps": skipped})
             raise
         wall = time.perf_counter() - t_start
         if not (resume_from is not None and step == start_step):  # a resume with nothing left to do writes nothing new
             self._checkpoint(step, net, ema, opt, skipped)
-        grids += self._grids(step, objective, sampler, ema, ema_net, data)
+        grids += self._grids(step, objective, sampler, ema, ema_net, data, loggers)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-        return TrainResult(self.run_dir, step, wall, 1000 * wall / max(steps_done_here, 1), peak, skipped,
-                           num_params, last_metrics, grids, last_metrics_step, headline)
+        res = TrainResult(self.run_dir, step, wall, 1000 * wall / max(steps_done_here, 1), peak, skipped,
+                          num_params, last_metrics, grids, last_metrics_step, headline)
+        loggers.finish({"step": step, "status": "finished", "wall_seconds": wall, "ms_per_step": res.ms_per_step,
+                        "skipped_steps": skipped, "parameters": num_params,
+                        **({"peak_memory_mb": peak} if device.type == "cuda" else {}),
+                        **{f"final/{k}": v for k, v in last_metrics.items()}})
+        res.logger_failures = list(loggers.failures)
+        return res
 
     # -- helpers ----------------------------------------------------------------------------
     def _stop_requested(self, stop: StopRequest) -> bool:
@@ -435,22 +509,6 @@ class Trainer:
         if flag.item() and stop.signum is None:
             stop.signum = int(flag.item())
         return bool(flag.item())
-
-    def _truncate_metrics(self, step: int) -> None:
-        """On resume: drop the lines logged after the checkpoint (they are logged again), atomically."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                if int(json.loads(line)["step"]) <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a kill
-        tmp = path.with_name(f".metrics.jsonl.tmp-{os.getpid()}")
-        tmp.write_text("".join(x + "\n" for x in keep))
-        os.replace(tmp, path)
 
     def _progress(self, total: int, headline: str):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -471,7 +529,7 @@ class Trainer:
         self.info.barrier()
         return path
 
-    def _grids(self, step: int, objective, sampler, ema: EMA, ema_net, data) -> list[Path]:
+    def _grids(self, step: int, objective, sampler, ema: EMA, ema_net, data, loggers=None) -> list[Path]:
         if not self.info.is_main:
             return []
         ev = self.recipe.eval
@@ -482,6 +540,8 @@ class Trainer:
                             device=self.info.device)
             nrow = data.spec.num_classes if 0 < data.spec.num_classes <= 16 else None
             out.append(data.save_preview(imgs, self.run_dir / "samples" / f"step_{step:08d}_nfe{nfe}.png", nrow=nrow))
+        if loggers is not None:
+            loggers.log_images(step, {f"samples/nfe{nfe}": path for nfe, path in zip(ev["nfe"], out)})
         return out
 
 
