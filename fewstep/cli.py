@@ -190,7 +190,7 @@ def sample(
 
     loaded = load_model(run, ema_index=ema)
     from .images import to_uint8
-    from .sampling import generate
+    from .sampling import generate, save_sample_grid
 
     out = out or run / "samples" / f"sample_nfe{nfe}.png"
     is_npz = out.suffix == ".npz"
@@ -206,8 +206,8 @@ def sample(
 
         np.savez(out, arr_0=to_uint8(imgs).permute(0, 2, 3, 1).numpy())
     else:
-        nrow = loaded.data.spec.num_classes if 0 < loaded.data.spec.num_classes <= 16 else None
-        loaded.data.save_preview(imgs, out, nrow=nrow)
+        save_sample_grid(loaded.data, imgs, out, objective=loaded.recipe.objective.name, nfe=nfe, step=loaded.step,
+                         ema=loaded.ema_decay)
     console.print(f"wrote {out}")
 
 

@@ -36,9 +36,10 @@ def index_stream(n: int, batch: int, seed: int, start_step: int = 0, rank: int =
 class TensorSource(DataSource):
     """A data source over in-memory tensors: x in [-1, 1] (N, C, H, W) and optional labels (N,)."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, num_classes: int, name: str):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, num_classes: int, name: str,
+                 class_names: tuple[str, ...] = ()):
         self.x, self.y = x, y
-        self.spec = DataSpec(tuple(x.shape[1:]), num_classes, name)
+        self.spec = DataSpec(tuple(x.shape[1:]), num_classes, name, class_names=tuple(class_names))
 
     def batches(self, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         for idx in index_stream(len(self.x), batch_size, seed, start_step, rank, world):

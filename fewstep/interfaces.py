@@ -41,6 +41,8 @@ class DataSpec:
     #: the extra per-row conditions its batches carry in Batch.cond, name -> shape of one row's value
     #: (e.g. {"augment_labels": (6,)}); the backbone must declare each in its `conditions`
     cond_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: class names for labelled data (shown above the columns of sample grids); () for plain indices
+    class_names: tuple[str, ...] = ()
 
     @property
     def null_class(self) -> int:
@@ -134,11 +136,14 @@ class DataSource(abc.ABC):
         """Model-space samples -> images in [-1, 1], (B, C, H, W) (decode latents here)."""
         return x
 
-    def save_preview(self, samples: "Tensor", path: "Path", nrow: int | None = None) -> "Path":
-        """Write a picture of samples (as returned by `to_images`): an image grid by default."""
+    def save_preview(self, samples: "Tensor", path: "Path", nrow: int | None = None, *, caption: str | None = None,
+                     column_labels: list[str] | None = None) -> "Path":
+        """Write a picture of samples (as returned by `to_images`): an image grid by default, with `caption` (what
+        made them: objective, step, NFE, EMA copy) and `column_labels` (the class of each column) drawn above it.
+        An override that does not accept `caption` and `column_labels` still works: it gets no captions."""
         from .images import save_grid
 
-        return save_grid(samples, path, nrow=nrow)
+        return save_grid(samples, path, nrow=nrow, caption=caption, column_labels=column_labels)
 
     def reference_images(self, split: str = "train", limit: int | None = None) -> "Tensor":
         """Real images in [-1, 1] for reference statistics (all at once: small data sources only)."""

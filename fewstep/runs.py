@@ -25,6 +25,18 @@ class LoadedRun:
     data: DataSource
     device: torch.device
     checkpoint: Path
+    ema_index: int = 0  # the EMA copy in `net` (-1: the raw weights)
+
+    @property
+    def step(self) -> int | None:
+        """The training step of the loaded checkpoint."""
+        return ckpt.checkpoint_step(self.checkpoint)
+
+    @property
+    def ema_decay(self) -> float | None:
+        """The decay of the loaded EMA copy (None for the raw weights)."""
+        decays = self.recipe.train["ema"]
+        return decays[self.ema_index] if 0 <= self.ema_index < len(decays) else None
 
 
 def load_model(run_dir: str | Path, ema_index: int = 0, device: str = "auto", registry: Any = None) -> LoadedRun:
@@ -42,4 +54,4 @@ def load_model(run_dir: str | Path, ema_index: int = 0, device: str = "auto", re
         state = ckpt.load_ema_weights(latest, ema_index, dev)
     ckpt.load_into(comps.net, state, latest / ("model.safetensors" if ema_index < 0 else "ema.safetensors"))
     comps.net.eval()
-    return LoadedRun(recipe, comps.net, comps.objective, comps.sampler, comps.data, dev, latest)
+    return LoadedRun(recipe, comps.net, comps.objective, comps.sampler, comps.data, dev, latest, ema_index)

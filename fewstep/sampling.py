@@ -39,3 +39,22 @@ def generate(objective: Objective, sampler: Sampler, net: torch.nn.Module, data:
             progress(len(e))
     net.train(was_training)
     return torch.cat(out)
+
+
+def save_sample_grid(data: DataSource, imgs: torch.Tensor, path, *, objective: str, nfe: int, step: int | None = None,
+                     ema: float | None = None):
+    """Write a grid of generated samples through the data source's `save_preview`, captioned with what made it
+    (objective, step, NFE, EMA copy) and, for labelled data with one class per column, the class names.
+
+    A third-party `save_preview` written before captions existed (no `caption` keyword) is called without them."""
+    import inspect
+
+    from .images import grid_captions
+
+    spec = data.spec
+    nrow = spec.num_classes if 0 < spec.num_classes <= 16 else None
+    extra = grid_captions(objective, step, nfe, ema, spec.num_classes, nrow, getattr(spec, "class_names", ()))
+    params = inspect.signature(data.save_preview).parameters
+    if not ("caption" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())):
+        extra = {}
+    return data.save_preview(imgs, path, nrow=nrow, **extra)

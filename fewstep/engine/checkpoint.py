@@ -32,6 +32,12 @@ def _order(p: Path) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2) or 0)) if m else (-1, -1)
 
 
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The training step of a checkpoint folder (step_XXXXXXXX or step_XXXXXXXX.K), None for another name."""
+    m = _NAME.fullmatch(Path(ckpt).name)
+    return int(m.group(1)) if m else None
+
+
 def _new_step_dir(root: Path, step: int) -> Path:
     """step_XXXXXXXX, or step_XXXXXXXX.K (K = 1, 2, ...) when that step already has a folder."""
     base = root / f"step_{step:08d}"

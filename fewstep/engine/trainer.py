@@ -31,7 +31,7 @@ from ..build import build_components
 from ..errors import BuildError, FewstepError, Preempted, RunFolderError, RuntimeFault
 from ..interfaces import Batch
 from ..recipe import Recipe, recipe_from_dict
-from ..sampling import generate
+from ..sampling import generate, save_sample_grid
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_grads, broadcast_params, init_distributed
 from .ema import EMA
@@ -538,8 +538,9 @@ class Trainer:
         for nfe in ev["nfe"]:
             imgs = generate(objective, sampler, ema_net, data, ev["grid"], nfe, seed=ev["seed"], batch=ev["batch"],
                             device=self.info.device)
-            nrow = data.spec.num_classes if 0 < data.spec.num_classes <= 16 else None
-            out.append(data.save_preview(imgs, self.run_dir / "samples" / f"step_{step:08d}_nfe{nfe}.png", nrow=nrow))
+            out.append(save_sample_grid(data, imgs, self.run_dir / "samples" / f"step_{step:08d}_nfe{nfe}.png",
+                                        objective=self.recipe.objective.name, nfe=nfe, step=step,
+                                        ema=self.recipe.train["ema"][0]))
         if loggers is not None:
             loggers.log_images(step, {f"samples/nfe{nfe}": path for nfe, path in zip(ev["nfe"], out)})
         return out

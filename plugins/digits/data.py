@@ -15,4 +15,5 @@ class Digits(TensorSource):
         y = torch.tensor(d.target, dtype=torch.long)
         if limit:
             x, y = x[:limit], y[:limit]
-        super().__init__(x, y if conditional else None, 10 if conditional else 0, "digits")
+        super().__init__(x, y if conditional else None, 10 if conditional else 0, "digits",
+                         class_names=tuple(str(k) for k in range(10)) if conditional else ())

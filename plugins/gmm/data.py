@@ -49,8 +49,9 @@ class GMMSource(TensorSource):
         x, k = self.mixture.sample(num_samples, torch.Generator().manual_seed(seed))
         super().__init__(x.float(), k if labels else None, components if labels else 0, f"gmm{components}x{dim}")
 
-    def save_preview(self, samples: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
-        """A scatter of the first two coordinates over the true samples (grey)."""
+    def save_preview(self, samples: torch.Tensor, path: Path, nrow: int | None = None, *, caption: str | None = None,
+                     column_labels: list[str] | None = None) -> Path:
+        """A scatter of the first two coordinates over the true samples (grey), titled with `caption`."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -66,6 +67,8 @@ class GMMSource(TensorSource):
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
         ax.legend(loc="upper right", fontsize=7, markerscale=4)
+        if caption:
+            ax.set_title(caption, fontsize=8)
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)

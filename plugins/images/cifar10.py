@@ -211,7 +211,7 @@ class Cifar10(PixelSource):
             x, y = x[:limit], y[:limit]
         self.images = x.to(self.device)  # uint8 (N, 3, 32, 32)
         self.labels = y.to(self.device)
-        self.spec = DataSpec((3, 32, 32), 10 if conditional else 0, "cifar10")
+        self.spec = DataSpec((3, 32, 32), 10 if conditional else 0, "cifar10", class_names=CLASSES if conditional else ())
         self._splits: dict[str, torch.Tensor] = {split: x}
 
     def __len__(self) -> int:

@@ -202,7 +202,8 @@ class ImageFolder(PixelSource):
         self.device = torch.device(ctx.device)
         self.labels = torch.tensor(self.scan.labels, dtype=torch.long)
         self.items = CroppedImages(self.scan.root, self.scan.files, resolution)
-        self.spec = DataSpec((3, resolution, resolution), len(self.scan.classes) if conditional else 0, "imagefolder")
+        self.spec = DataSpec((3, resolution, resolution), len(self.scan.classes) if conditional else 0, "imagefolder",
+                             class_names=tuple(self.scan.classes) if conditional else ())
 
     def __len__(self) -> int:
         return len(self.items)

@@ -60,7 +60,8 @@ class Latents(DataSource):
         if len(self.labels) != n or sum(len(s) for s in self.shards) != n:
             raise DataError(f"latents: {self.root} is inconsistent ({n} images in {C.META}, {len(self.labels)} labels, "
                             f"{sum(len(s) for s in self.shards)} shard rows); make the cache again")
-        self.spec = DataSpec(tuple(meta["latent_shape"]), len(meta["classes"]) if conditional else 0, "latents")
+        self.spec = DataSpec(tuple(meta["latent_shape"]), len(meta["classes"]) if conditional else 0, "latents",
+                             class_names=tuple(meta["classes"]) if conditional else ())
 
     def __len__(self) -> int:
         return len(self.rows)
