@@ -211,6 +211,32 @@ def sample(
     console.print(f"wrote {out}")
 
 
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN...", help="run folders", exists=True, file_okay=False)],
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", "-m", metavar="NAME",
+                                                        help="metric to draw (repeatable) \\[default: loss and every "
+                                                             "other logged metric]")] = None,
+    smooth: Annotated[int, typer.Option(metavar="K", min=1, help="trailing moving average over K logged points")] = 1,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE.png",
+                                                help="picture to write \\[default: RUN/curves.png for one run, "
+                                                     "curves.png for several]")] = None,
+) -> None:
+    """Draw training curves (from metrics.jsonl) of one or several runs: a panel per metric, a line per run,
+    labelled by run and objective, log scale where the values span more than a factor of 10.
+
+    Examples:
+      fewstep plot runs/quickstart
+      fewstep plot runs/soflow runs/meanflow --metric loss --metric fm_mse --smooth 20 --out curves.png
+    """
+    from .curves import draw_curves, load_curves
+
+    curves = load_curves(runs, metric, smooth)
+    out = out or (runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    draw_curves(curves, out, title=None if smooth == 1 else f"smoothed over {smooth} logged points")
+    console.print(f"wrote {out} ({len(curves)} curves)")
+
+
 def main() -> None:
     reg = get_registry()
     try:

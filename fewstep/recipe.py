@@ -24,6 +24,11 @@ else:  # pragma: no cover
 from .errors import UserError
 from .options import Option, OptionError, OptionSet, nearest
 
+
+def parse_toml(text: str | bytes) -> dict[str, Any]:
+    """TOML text -> dict, with tomllib (tomli on Python 3.10): the one place fewstep parses TOML."""
+    return tomllib.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+
 COMPONENT_TABLES = ("data", "backbone", "objective", "sampler")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 TABLES = COMPONENT_TABLES + ("train", "eval", "loggers")
