@@ -42,6 +42,26 @@ def digits_uint8(n=None):
     return x[:n] if n else x
 
 
+@pytest.fixture(scope="session")
+def fake_inception(tmp_path_factory):
+    """A state dict of torch-fidelity's Inception with its real names and shapes (zero weights, fc = 1): what
+    fewstep's verification accepts. Returns a function writing it (with or without a logits layer) to a path."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fx
+
+    with mock.patch.object(fx, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fx.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        state = {k: torch.zeros_like(v) for k, v in fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict().items()}
+
+    def write(path, logits=True):
+        state["fc.weight"] = torch.full_like(state["fc.weight"], 1.0 if logits else 0.0)
+        torch.save(state, path)
+        return path
+
+    return write
+
+
 def evaluator(name, **options):
     return build_evaluator(name, BuildContext(), {**POOL, **options})
 
@@ -164,27 +184,28 @@ def test_prc_without_vgg16_weights_is_a_clear_error(no_fid_helper):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated, still the way to write a TorchScript
-def test_inception_score_refuses_a_torchscript_without_logits(tmp_path, monkeypatch):
+def test_inception_score_refuses_a_torchscript_without_logits(tmp_path, monkeypatch, fake_inception):
     ts = tmp_path / "tiny.torchscript.pt"
     torch.jit.script(torch.nn.Linear(2, 2)).save(str(ts))
     assert W.is_torchscript(ts)
     monkeypatch.setenv("FEWSTEP_INCEPTION_WEIGHTS", str(ts))
     with pytest.raises(W.MissingWeightsError, match="logits"):
         build_evaluator("isc", BuildContext(), {})
-    sd = tmp_path / "state.pth"
-    torch.save({"fc.weight": torch.zeros(3, 3)}, sd)
+    sd = fake_inception(tmp_path / "state.pth", logits=False)
     assert not W.is_torchscript(sd)
     with pytest.raises(W.MissingWeightsError, match="all-zero"):
         W.resolve_inception(str(sd), need_logits=True)
 
 
-def test_hub_cache_file_is_found_and_recorded(tmp_path, no_fid_helper):
+def test_hub_cache_file_is_found_verified_and_recorded(tmp_path, no_fid_helper, fake_inception):
     hub = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    f = hub / W.INCEPTION_HUB_FILE
-    torch.save({"fc.weight": torch.ones(2, 2)}, f)
+    f = fake_inception(hub / W.INCEPTION_HUB_FILE)
     w = W.resolve_inception("", need_logits=True)
-    assert w.path == f and w.origin == "torch hub cache" and w.has_logits and w.sha256 == W.sha256_of(f)
+    assert w.source == f and w.origin == "torch hub cache" and w.has_logits and w.sha256 == W.sha256_of(f)
+    # torch-fidelity gets fewstep's own verified copy, never the hub file itself
+    assert w.path != f and w.path.parent == W.cache_dir() / "inception" and w.path.name.startswith("verified-")
+    assert torch.equal(torch.load(w.path, weights_only=True)["fc.weight"], torch.load(f, weights_only=True)["fc.weight"])
 
 
 def _fidelity_inception_skeleton(monkeypatch):

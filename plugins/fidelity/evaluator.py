@@ -66,15 +66,29 @@ class FidelityEvaluator(Evaluator):
         self.cache = cache
         self.weights: W.Weights | None = None
         what = {"isc": "the Inception Score (isc)", "fid": "FID", "kid": "KID", "prc": "precision/recall (prc)"}[self.metric]
-        try:
+        need_logits = self.metric == "isc"
+
+        def resolve():
             if self.extractor == INCEPTION:
-                self.weights = W.resolve_inception(inception_weights, need_logits=self.metric == "isc", metric_names=what)
-            elif self.extractor == VGG16:
-                self.weights = W.resolve_vgg16(vgg16_weights)
+                return W.resolve_inception(inception_weights, need_logits=need_logits, metric_names=what)
+            if self.extractor == VGG16:
+                return W.resolve_vgg16(vgg16_weights)
+            return None
+
+        try:
+            self.weights = resolve()
         except W.MissingWeightsError:
             if not download or inception_weights or vgg16_weights:
                 raise
-            # download=true with nothing on disk: torch-fidelity fetches into the torch hub cache
+            # download=true with nothing on disk: fewstep fetches the file into the torch hub cache and then reads
+            # it like any other (torch-fidelity's own download would unpickle it with weights_only=False)
+            url, hub = (W.VGG16_URL, W.VGG16_HUB_FILE) if self.extractor == VGG16 else (W.INCEPTION_URL, W.INCEPTION_HUB_FILE)
+            try:
+                W.download_weights(url, hub)
+            except OSError as exc:
+                helptext = W.vgg16_help() if self.extractor == VGG16 else W.inception_help(what)
+                raise W.MissingWeightsError(f"downloading {url} failed ({exc}).\n{helptext}") from None
+            self.weights = resolve()
         self.settings = FidelitySettings(
             feature_extractor=self.extractor, weights_path=str(self.weights.path) if self.weights else "",
             batch_size=batch, device=device, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
