@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import fewstep
 from fewstep.cli import app
-from fewstep.compare import CompareError, build_evaluators, objective_recipe, parse_options
+from fewstep.comparison import CompareError, objective_recipe
+from fewstep.evaluation import build_evaluators, parse_options
 from fewstep.engine.trainer import Trainer
 from fewstep.options import Option
 from fewstep.recipe import recipe_from_dict
