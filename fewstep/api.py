@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
 from .hookspecs import hookimpl
-from .interfaces import (Batch, BuildContext, DataError, DataSource, DataSpec, Evaluator, Logger, LossOutput, Objective,
-                         Sampler)
+from .interfaces import (Batch, BuildContext, DataError, DataSource, DataSpec, Evaluator, ImageStream, Logger, LossOutput,
+                         Objective, Sampler)
 from .options import Option, OptionError
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .registry import PluginSpec, Registry, RegistryError
@@ -71,6 +71,7 @@ __all__ = [
     "DataError",
     "UserError",
     "Evaluator",
+    "ImageStream",
     "Logger",
     # testing and tooling
     "Registry",

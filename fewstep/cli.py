@@ -6,17 +6,15 @@ fast; torch is imported inside the commands that train or sample.
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from . import errors
-from .recipe import load_recipe
+from . import cli_eval, errors
+from .cli_common import RecipeArg, SetOpt, _fail, _load, console, err, guard_commands, guarded  # noqa: F401
 from .registry import get_registry
 
 app = typer.Typer(
@@ -27,59 +25,6 @@ app = typer.Typer(
     help="Train, sample and fairly compare one-step and few-step generative models.\n\n"
          "First run: [bold]fewstep train recipes/quickstart.toml[/bold]",
 )
-console = Console()
-err = Console(stderr=True)
-
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", metavar="TABLE.KEY=VALUE",
-                                                     help="override a recipe value (repeatable), e.g. --set train.steps=500",
-                                                     rich_help_panel="Overrides")]
-RecipeArg = Annotated[Path, typer.Argument(metavar="RECIPE", help="recipe TOML file", exists=True, dir_okay=False)]
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print("[bold red]error:[/bold red] ", end="", highlight=False)
-    err.print(message, highlight=False, soft_wrap=True, markup=False)  # messages quote [tables]: no markup
-    raise typer.Exit(code)
-
-
-def guarded(fn):
-    """Every command's errors in one line: named errors exit 2 (the user's to fix) or 1 (a runtime fault), no
-    traceback unless FEWSTEP_DEBUG=1; Ctrl-C exits 130 with a note on how to resume."""
-    if getattr(fn, "__fewstep_guarded__", False):
-        return fn
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/red]", highlight=False)
-            raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - the one place exceptions become exit codes
-            if getattr(exc, "exit_code", None) is not None and type(exc).__module__.startswith(("click", "typer")):
-                raise
-            if errors.debug():
-                err.print_exception(show_locals=False)
-            _fail(errors.describe(exc), errors.exit_code_of(exc))
-
-    wrapper.__fewstep_guarded__ = True
-    return wrapper
-
-
-def guard_commands(typer_app) -> None:
-    """Wrap every registered command (built-in or a plugin's, sub-apps included) with :func:`guarded`."""
-    for cmd in typer_app.registered_commands:
-        if cmd.callback is not None:
-            cmd.callback = guarded(cmd.callback)
-    for group in typer_app.registered_groups:
-        if group.typer_instance is not None:
-            guard_commands(group.typer_instance)
-
-
-def _load(recipe: Path, overrides: list[str] | None):
-    return load_recipe(recipe, overrides or [])
 
 
 @app.command()
@@ -179,33 +124,65 @@ def sample(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="run folder", exists=True, file_okay=False)],
     nfe: Annotated[int, typer.Option(help="network evaluations per sample", min=1)] = 1,
     num: Annotated[int, typer.Option(help="number of samples", min=1)] = 64,
-    out: Annotated[Optional[Path], typer.Option(metavar="FILE", help=".png (grid) or .npz (uint8 NHWC, key arr_0) "
+    out: Annotated[Optional[Path], typer.Option(metavar="FILE", help=".png (grid) or .npz (ADM's evaluator input: arr_0 uint8 NHWC, arr_1 labels) "
                                                 "\\[default: RUN/samples/sample_nfe<NFE>.png]")] = None,
     seed: Annotated[int, typer.Option(help="noise and label seed", min=0, max=2**32 - 1)] = 0,
     batch: Annotated[int, typer.Option(help="sampling batch size", min=1)] = 256,
     ema: Annotated[int, typer.Option(help="which EMA copy (index into train.ema); -1: raw weights", min=-1)] = 0,
 ) -> None:
-    """Sample from a run's EMA weights (labels uniform at random for .npz, class-ordered for grids)."""
-    from .runs import load_model
+    """Sample from a run's EMA weights: a class-ordered grid (.png), or ADM's evaluator input (.npz: arr_0 uint8 NHWC,
+    arr_1 labels uniform at random over the classes, the same noise as `fewstep eval`); under torchrun the .npz
+    batches are split over the ranks and rank 0 writes the file.
 
-    loaded = load_model(run, ema_index=ema)
+    Examples:
+      fewstep sample runs/x --nfe 2 --num 64
+      torchrun --nproc-per-node 8 -m fewstep sample runs/x --nfe 1 --num 50000 --out samples.npz
+    """
+    from .cli_eval import _dist
     from .images import to_uint8
-    from .sampling import generate, save_sample_grid
+    from .runs import load_model
 
     out = out or run / "samples" / f"sample_nfe{nfe}.png"
     is_npz = out.suffix == ".npz"
+    dist, device = _dist() if is_npz else (None, "auto")
+    loaded = load_model(run, ema_index=ema, device=device)
     from rich.progress import Progress
 
-    with Progress(console=err) as prog:
-        task = prog.add_task(f"sampling nfe={nfe}", total=num)
-        imgs = generate(loaded.objective, loaded.sampler, loaded.net, loaded.data, num, nfe, seed=seed, batch=batch,
-                        device=loaded.device, balanced=not is_npz, progress=lambda n: prog.advance(task, n))
-    out.parent.mkdir(parents=True, exist_ok=True)
     if is_npz:
         import numpy as np
+        import torch
 
-        np.savez(out, arr_0=to_uint8(imgs).permute(0, 2, 3, 1).numpy())
+        from .evaluation import generated_batches
+
+        with Progress(console=err, disable=not dist.is_main) as prog:
+            task = prog.add_task(f"sampling nfe={nfe}", total=num)
+            parts = [(to_uint8(x).permute(0, 2, 3, 1).contiguous(), y) for x, y in
+                     generated_batches(loaded, num, nfe, seed, batch, dist, lambda n: prog.advance(task, n * dist.world))]
+        images = dist.gather(torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.uint8))
+        labels = None
+        if loaded.data.spec.num_classes > 0:
+            labels = dist.gather(torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long))
+        if not dist.is_main:
+            return
+        # gather concatenates by rank; put rows back in batch order (rank r holds batches r, r + world, ...)
+        order = torch.cat([torch.arange(k * batch, min(num, (k + 1) * batch))
+                           for r in range(dist.world) for k in range(r, -(-num // batch), dist.world)])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order))
+        images = images[inverse]
+        arrays = {"arr_0": images.numpy()}
+        if labels is not None:
+            arrays["arr_1"] = labels[inverse].numpy().astype(np.int64)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, **arrays)
     else:
+        from .sampling import generate, save_sample_grid
+
+        with Progress(console=err) as prog:
+            task = prog.add_task(f"sampling nfe={nfe}", total=num)
+            imgs = generate(loaded.objective, loaded.sampler, loaded.net, loaded.data, num, nfe, seed=seed, batch=batch,
+                            device=loaded.device, balanced=True, progress=lambda n: prog.advance(task, n))
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_sample_grid(loaded.data, imgs, out, objective=loaded.recipe.objective.name, nfe=nfe, step=loaded.step,
                          ema=loaded.ema_decay)
     console.print(f"wrote {out}")
@@ -248,6 +225,5 @@ def main() -> None:
     app(prog_name="fewstep")
 
 
-from . import cli_eval  # noqa: E402,F401  (registers `eval` and `compare` on the app)
-
+cli_eval.register(app)  # `eval`, `compare`, `stats`
 guard_commands(app)

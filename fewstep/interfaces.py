@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import DataError  # noqa: F401  (public through fewstep.api)
 
@@ -193,12 +193,44 @@ class Logger(abc.ABC):
         """Release files and connections. Default: nothing."""
 
 
+@dataclass
+class ImageStream:
+    """This process's share of a set of uint8 images, produced batch by batch (streaming evaluators).
+
+    ``batches()`` yields (b, C, H, W) uint8 tensors; under ``torchrun`` each rank gets its own batches and
+    the evaluator combines partial results with ``all_reduce_sum`` (sum of a tensor over ranks) or
+    ``gather`` (tensors concatenated in rank order, on every rank). ``num`` counts images over all ranks.
+    A reference stream may carry ``statistics``: a stored file of reference statistics the user gave
+    (``--reference X.npz``), to use instead of its images; ``key`` names the reference for caches.
+    """
+
+    batches: Callable[[], Iterator["Tensor"]]
+    num: int
+    shape: tuple[int, ...] | None = None
+    name: str = ""
+    split: str = ""
+    key: str = ""
+    statistics: "Path | None" = None
+    all_reduce_sum: Callable[["Tensor"], "Tensor"] = lambda t: t
+    gather: Callable[["Tensor"], "Tensor"] = lambda t: t
+    rank: int = 0
+    world: int = 1
+
+
 class Evaluator(abc.ABC):
     """Given generated samples and a reference, returns named metrics."""
 
     #: "images": generated/reference arrive as uint8 (N, C, H, W) images (FID and friends);
     #: "samples": as float tensors in model space, exactly what the sampler returned (e.g. GMM points)
     inputs: str = "images"
+    #: True: the caller invokes ``evaluate_stream(generated, reference, **info)`` with two :class:`ImageStream`
+    #: instead of ``evaluate``; the evaluator pulls the batches itself and never needs every image at once
+    streams: bool = False
+
+    def evaluate_stream(self, generated: ImageStream, reference: ImageStream, **info: Any) -> dict[str, float]:
+        """Metrics of the streamed generated images against the streamed (or stored) reference; every rank
+        calls it with its share, every rank returns the same numbers."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream; set streams = False")
 
     def __init__(self, ctx: BuildContext):
         self.ctx = ctx

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import fewstep
 from fewstep.cli import app
-from fewstep.compare import CompareError, build_evaluators, objective_recipe, parse_options
+from fewstep.comparison import CompareError, objective_recipe
+from fewstep.evaluation import build_evaluators, parse_options
 from fewstep.engine.trainer import Trainer
 from fewstep.options import Option
 from fewstep.recipe import recipe_from_dict
@@ -199,3 +200,35 @@ def test_eval_writes_eval_json(tmp_path, tiny):
     assert res.exit_code == 0, res.output
     again = json.loads((tmp_path / "e2.json").read_text())
     assert again["results"][0]["metrics"]["fid"] == data["results"][0]["metrics"]["fid"]
+
+
+def test_an_interrupted_compare_continues_its_runs_without_force(tmp_path, variant):
+    """A compare killed mid-way (simulated: a run left at its step-2 checkpoint without compare_train.json, the
+    other finished) continues on the next call: the finished run is reused, the partial one resumes from its
+    checkpoint and ends with the weights an uninterrupted run has; nothing is retrained."""
+    import shutil
+
+    from fewstep.engine import checkpoint as ckpt
+
+    out = tmp_path / "cmp"
+    args = ("compare", "fm", "fm-variant", "--recipe", recipe_file(tmp_path), "--out", out, "--nfe", "1", "--no-curve", *POOL)
+    assert invoke(*args).exit_code == 0
+    partial, finished = out / "fm" / "seed3", out / "fm-variant" / "seed3"
+    full = ckpt.load_ema_weights(ckpt.latest_checkpoint(partial / "checkpoints"))
+    # the kill: fm stopped after its step-2 checkpoint, before compare_train.json
+    (partial / "compare_train.json").unlink()
+    steps = ckpt.list_checkpoints(partial / "checkpoints")
+    assert [ckpt.read_meta(c)["step"] for c in steps] == [2, 4]
+    shutil.rmtree(steps[-1])
+    (partial / "checkpoints" / "latest").write_text(steps[0].name + "\n")
+    done_mtime = (finished / "checkpoints" / "latest").stat().st_mtime_ns
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    text = res.output.replace("\n", " ")
+    assert "continuing the interrupted run" in text and "reusing the finished run" in text
+    assert (finished / "checkpoints" / "latest").stat().st_mtime_ns == done_mtime  # not retrained
+    resumed = ckpt.latest_checkpoint(partial / "checkpoints")
+    assert ckpt.read_meta(resumed)["step"] == 4
+    again = ckpt.load_ema_weights(resumed)
+    assert again.keys() == full.keys() and all(torch.equal(again[k], full[k]) for k in full)  # bit-identical resume
+    assert (partial / "compare_train.json").is_file()

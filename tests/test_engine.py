@@ -221,8 +221,10 @@ def test_cli_train_tiny_and_sample(tmp_path):
     assert res.exit_code == 0, res.output
     import numpy as np
 
-    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as z:  # ADM's evaluator input: images NHWC, labels
+        arr, labels = z["arr_0"], z["arr_1"]
     assert arr.shape == (10, 8, 8, 1) and arr.dtype == np.uint8
+    assert labels.shape == (10,) and labels.dtype == np.int64 and 0 <= labels.min() and labels.max() < 10
     res = runner.invoke(app, ["train", str(p), "--out", str(tmp_path / "run")], prog_name="fewstep")
     assert res.exit_code == 2 and "--resume" in res.output
 

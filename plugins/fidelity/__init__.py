@@ -24,12 +24,12 @@ _VGG16 = [Option("vgg16_weights", str, "", "torchvision VGG16 state dict ('': $F
 @hookimpl
 def register_evaluators(register):
     module = "fewstep_plugins.fidelity.evaluator"
-    register("fid", f"{module}:FID", options=_COMMON + _INCEPTION,
+    register("fid", f"{module}:FID", options=_COMMON + _INCEPTION, default=True,
              description="Frechet Inception Distance (torch-fidelity, TF-2015-12-05 Inception pool features)")
     register("kid", f"{module}:KID", options=_COMMON + _INCEPTION + [
         Option("kid_subsets", int, 100, "KID subsets", ge=1),
         Option("kid_subset_size", int, 1000, "KID subset size (clamped to the number of samples)", ge=2),
-    ], description="Kernel Inception Distance, mean and std over subsets (torch-fidelity)")
+    ], default=True, description="Kernel Inception Distance, mean and std over subsets (torch-fidelity)")
     register("isc", f"{module}:ISC", options=_COMMON + _INCEPTION + [
         Option("isc_splits", int, 10, "Inception Score splits (clamped to the number of samples)", ge=1),
     ], description="Inception Score (needs torch-fidelity's Inception .pth with its logits layer)")

@@ -110,6 +110,9 @@ def build_kwargs(metrics: Sequence[str], settings: FidelitySettings, n_generated
         raise ValueError(f"metrics {list(metrics)} compare against a reference; none given")
     extractor = extractor_for(metrics, settings.feature_extractor)
     n_min = min(n_generated, n_reference) if binary else n_generated
+    if extractor in (INCEPTION, VGG16) and not settings.weights_path:
+        # torch-fidelity would fetch the weights through torch.hub and unpickle them with weights_only=False
+        raise ValueError(f"{extractor} needs a weights file fewstep verified (weights.resolve_inception / resolve_vgg16)")
     kw = {m: (m in metrics) for m in METRICS}
     kw.update(
         ppl=False,

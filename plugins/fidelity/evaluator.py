@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Callable, ClassVar, Sequence
@@ -26,6 +27,8 @@ from .adapter import INCEPTION, VGG16, FidelitySettings, calculate, extractor_fo
 
 _MEMO: "OrderedDict[str, dict[str, float]]" = OrderedDict()
 _MEMO_SIZE = 16
+_EXTRACTORS: dict = {}  # (extractor, weights, device, batch) -> stream.Extractor
+_REFERENCES: dict = {}  # (cache path, keep features) -> stream.FeatureSet of the last reference
 
 
 def tensor_digest(x: torch.Tensor) -> str:
@@ -66,15 +69,29 @@ class FidelityEvaluator(Evaluator):
         self.cache = cache
         self.weights: W.Weights | None = None
         what = {"isc": "the Inception Score (isc)", "fid": "FID", "kid": "KID", "prc": "precision/recall (prc)"}[self.metric]
-        try:
+        need_logits = self.metric == "isc"
+
+        def resolve():
             if self.extractor == INCEPTION:
-                self.weights = W.resolve_inception(inception_weights, need_logits=self.metric == "isc", metric_names=what)
-            elif self.extractor == VGG16:
-                self.weights = W.resolve_vgg16(vgg16_weights)
+                return W.resolve_inception(inception_weights, need_logits=need_logits, metric_names=what)
+            if self.extractor == VGG16:
+                return W.resolve_vgg16(vgg16_weights)
+            return None
+
+        try:
+            self.weights = resolve()
         except W.MissingWeightsError:
             if not download or inception_weights or vgg16_weights:
                 raise
-            # download=true with nothing on disk: torch-fidelity fetches into the torch hub cache
+            # download=true with nothing on disk: fewstep fetches the file into the torch hub cache and then reads
+            # it like any other (torch-fidelity's own download would unpickle it with weights_only=False)
+            url, hub = (W.VGG16_URL, W.VGG16_HUB_FILE) if self.extractor == VGG16 else (W.INCEPTION_URL, W.INCEPTION_HUB_FILE)
+            try:
+                W.download_weights(url, hub)
+            except OSError as exc:
+                helptext = W.vgg16_help() if self.extractor == VGG16 else W.inception_help(what)
+                raise W.MissingWeightsError(f"downloading {url} failed ({exc}).\n{helptext}") from None
+            self.weights = resolve()
         self.settings = FidelitySettings(
             feature_extractor=self.extractor, weights_path=str(self.weights.path) if self.weights else "",
             batch_size=batch, device=device, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
@@ -102,13 +119,108 @@ class FidelityEvaluator(Evaluator):
                                           self.extractor, self.weights.sha256 if self.weights else "", tensor_digest(reference))
         memo_key = "|".join([tensor_digest(generated), ref_key, repr(self.settings), ",".join(metrics)])
         if memo_key not in _MEMO:
-            settings = replace(self.settings, reference_cache_name=ref_key) if self.cache and ref_key else self.settings
+            # torch-fidelity's own feature cache is read back with torch.load(weights_only=False): fewstep never uses
+            # it; reference features are cached by the streaming path as .npz (stream.py)
+            settings = self.settings
             _MEMO[memo_key] = self._call(generated, reference if needs_ref else None, metrics, settings, progress)
             while len(_MEMO) > _MEMO_SIZE:
                 _MEMO.popitem(last=False)
         result = _MEMO[memo_key]
         self.record = self._record(generated, reference if self.metric != "isc" else None, reference_name, reference_split, ref_key)
         return {k: result[k] for k in self.keys}
+
+    # -- streaming (FID, KID) -------------------------------------------------------------------
+    def _extractor(self):
+        key = (self.extractor, self.settings.weights_path, self.settings.device, self.settings.batch_size)
+        if key not in _EXTRACTORS:
+            from .stream import Extractor
+
+            _EXTRACTORS.clear()  # one network in memory at a time
+            _EXTRACTORS[key] = Extractor(self.extractor, self.settings.weights_path, self.settings.device,
+                                         self.settings.batch_size)
+        return _EXTRACTORS[key]
+
+    def _group(self, peers):
+        return [self] + [p for p in peers if isinstance(p, FidelityEvaluator) and p is not self and p.streams
+                         and p.extractor == self.extractor and p.settings == self.settings]
+
+    def reference_features(self, reference, keep: bool, progress=None):
+        """The reference's FeatureSet: the user's statistics file, fewstep's .npz cache, or one pass over it."""
+        from . import stream as S
+
+        ext = self._extractor()
+        if reference.statistics is not None:
+            return S.load_stats(reference.statistics, ext.dim, need_features=keep)
+        sha = self.weights.sha256 if self.weights else ""
+        path = W.cache_dir() / "fidelity" / S.cache_name(reference.key, self.extractor, sha) if reference.key else None
+        memo = (str(path), keep)
+        if path is not None and memo in _REFERENCES:
+            return _REFERENCES[memo]
+        fs = None
+        if self.cache and path is not None and path.is_file():
+            try:
+                fs = S.load_stats(path, ext.dim, need_features=keep)
+            except S.ReferenceStatsError:
+                fs = None  # a stale or partial cache entry: compute again
+        if fs is None:
+            if keep:
+                S.check_feature_memory(reference.num or 0, ext.dim, "KID")
+            fs = S.feature_pass(reference, ext, keep, progress)
+            if self.cache and path is not None and reference.rank == 0:
+                S.save_stats(path, fs, extractor=self.extractor, weights_sha256=sha, reference=reference.key)
+        if path is not None:
+            _REFERENCES.clear()
+            _REFERENCES[memo] = fs
+        return fs
+
+    def evaluate_stream(self, generated, reference, *, peers: Sequence[Evaluator] = (), shared: dict | None = None,
+                        progress: Callable[[int], None] | None = None, reference_name: str = "", reference_split: str = "",
+                        **info: Any) -> dict[str, float]:
+        """FID / KID of the streamed generated images against the streamed (or stored) reference; FID and KID
+        evaluators on the same extractor share one pass over the generated images (through `shared`)."""
+        from . import stream as S
+
+        shared = {} if shared is None else shared
+        group = self._group(peers)
+        keep = any(e.metric == "kid" for e in group)
+        key = f"fidelity|{self.extractor}|{self.settings!r}|keep={keep}"
+        ext = self._extractor()
+        if key not in shared:
+            if keep:
+                S.check_feature_memory(generated.num, ext.dim, "KID")
+            shared[key] = S.feature_pass(generated, ext, keep, progress)
+        gen = shared[key]
+        ref = self.reference_features(reference, keep)
+        self.record = self._stream_record(gen, ref, reference)
+        if self.metric == "fid":
+            return {"fid": S.fid_from(gen, ref)}
+        return S.kid_from(gen, ref, self.settings.kid_subsets, self.settings.kid_subset_size, self.settings.rng_seed)
+
+    def write_statistics(self, stream, path, progress=None) -> dict[str, Any]:
+        """`fewstep stats`: mu and sigma of a stream's features, written as .npz by rank 0."""
+        from . import stream as S
+
+        fs = S.feature_pass(stream, self._extractor(), keep=False, progress=progress)
+        if stream.rank == 0:
+            S.save_stats(Path(path), fs, extractor=self.extractor, weights_sha256=self.weights.sha256 if self.weights else "",
+                         reference=stream.key or f"{stream.name} {stream.split}")
+        return {"num": fs.num, "features": len(fs.mu)}
+
+    def _stream_record(self, gen, ref, reference) -> dict[str, Any]:
+        rec = {"metric": self.metric, "num_generated": gen.num, "resolution": list(gen.shape or ()), "extractor": self.extractor,
+               "weights": self.weights.record() if self.weights else None, "torch_fidelity": torch_fidelity_version(),
+               "tool": self._tool(), "uint8": "floor(clamp(127.5 x + 128, 0, 255)); grey repeated to 3 channels",
+               "num_reference": ref.num, "reference": reference.name, "reference_split": reference.split,
+               "reference_statistics": str(reference.statistics) if reference.statistics else None,
+               "streamed": True, "ranks": reference.world}
+        if self.metric == "kid":
+            n = min(gen.num, ref.num or gen.num)
+            rec.update(kid_subsets=self.settings.kid_subsets, kid_subset_size=min(self.settings.kid_subset_size, n))
+        return rec
+
+    def _tool(self) -> str:
+        w = f", weights {self.weights.sha256[:8]}" if self.weights else ""
+        return f"torch-fidelity {torch_fidelity_version()} ({self.extractor}{w})"
 
     def _call(self, generated, reference, metrics, settings, progress) -> dict[str, float]:
         try:
@@ -127,6 +239,7 @@ class FidelityEvaluator(Evaluator):
             "extractor": self.extractor,
             "weights": self.weights.record() if self.weights else ("torch-fidelity download" if self.download else None),
             "torch_fidelity": torch_fidelity_version(),
+            "tool": self._tool(),
             "uint8": "floor(clamp(127.5 x + 128, 0, 255)); grey repeated to 3 channels",
         }
         if reference is not None:
@@ -144,10 +257,12 @@ class FidelityEvaluator(Evaluator):
 
 class FID(FidelityEvaluator):
     metric, keys = "fid", ("fid",)
+    streams = True
 
 
 class KID(FidelityEvaluator):
     metric, keys = "kid", ("kid_mean", "kid_std")
+    streams = True
 
 
 class ISC(FidelityEvaluator):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from fewstep.api import UserError
+
 INCEPTION_HUB_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity 0.4.0 URL_INCEPTION_V3
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_HUB_FILE}"
 VGG16_HUB_FILE = "vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
@@ -35,7 +37,7 @@ ENV_VGG16 = "FEWSTEP_VGG16_WEIGHTS"
 ENV_CACHE = "FEWSTEP_CACHE"
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(UserError):
     """The weights a metric needs are not on this machine (or cannot serve that metric)."""
 
 
@@ -136,15 +138,17 @@ def torchscript_conv_to_fidelity(name: str) -> str:
     return f"{pt_block}.{table[rest.replace('.', '_')]}"
 
 
-def convert_torchscript_inception(module) -> dict:
-    """A TorchScript Inception's tensors as a FeatureExtractorInceptionV3 state dict (float32).
+def convert_torchscript_inception(state: dict) -> dict:
+    """A TorchScript Inception's tensors (``net.layers.*`` names, as :func:`read_torchscript_tensors`
+    returns them) as a FeatureExtractorInceptionV3 state dict (float32).
 
     Batch-norm scale is fixed to one (the TF graph normalises without a learnt scale), and the
     1008-way fc layer is zero: features up to the 2048-d pool are exact, logits are not available.
     """
     import torch
 
-    state = {k: v for k, v in module.state_dict().items()}
+    if hasattr(state, "state_dict"):
+        state = state.state_dict()
     prefix = "net.layers."
     convs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -173,37 +177,189 @@ def convert_torchscript_inception(module) -> dict:
     return out
 
 
-def converted_inception(source: Path) -> Path:
-    """The cached torch-fidelity state dict converted from the TorchScript `source` (converted on first use)."""
+# -- reading weights files without running code --------------------------------------------------------
+#
+# torch-fidelity 0.4.0 opens a weights file with torch.load(weights_only=False) (feature_extractor_
+# inceptionv3.py:95, feature_extractor_vgg16.py:53), and fetches a missing one with torch.hub, which
+# unpickles it the same way: a pickle there runs any code it likes. fewstep therefore never hands it a
+# path it did not write: every file a user or a cache points at is read here as plain tensors
+# (safetensors; torch.load(weights_only=True); a TorchScript archive through a restricted unpickler that
+# knows tensors, ordered dicts and empty module shells and nothing else), checked by loading it strictly
+# into torch-fidelity's network, and written again by fewstep as a plain state dict under
+# $FEWSTEP_CACHE/<net>/verified-<sha256 of the source>.pth. Only that file reaches torch-fidelity.
+
+class UnsafeWeightsError(UserError):
+    """A weights file that cannot be read as plain tensors (a pickle that wants to run code, a broken file)
+    or that is not the network it claims to be."""
+
+
+_TS_ALLOWED = {("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"), ("torch.jit._pickle", "build_intlist"),
+               ("torch.jit._pickle", "build_tensorlist"), ("torch.jit._pickle", "build_doublelist"),
+               ("torch.jit._pickle", "build_boollist")}
+
+
+class _Shell:
+    """Stands for a TorchScript module class: keeps its attribute dict, runs nothing."""
+
+    def __init__(self, *args):
+        self.__dict__["_attrs"] = {}
+
+    def __setstate__(self, state):
+        self.__dict__["_attrs"] = state if isinstance(state, dict) else {}
+
+
+def read_torchscript_tensors(path: Path) -> dict:
+    """The named tensors of a TorchScript archive (``net.layers.conv.weight`` ...), read without
+    torch.jit.load: its ``data.pkl`` is unpickled with only tensor rebuilding, ordered dicts, int lists
+    and inert module shells allowed; anything else is refused (UnsafeWeightsError)."""
+    import pickle
+
     import torch
 
-    digest = sha256_of(source)
-    target = cache_dir() / "inception" / f"inception-2015-12-05-from-torchscript-{digest[:16]}.pth"
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pkl = next((n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")), None)
+        if pkl is None:
+            raise UnsafeWeightsError(f"{path}: a zip without <archive>/data.pkl is not a TorchScript file")
+        root = pkl.split("/")[0]
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module.startswith("__torch__"):
+                    return type(name.replace(" ", "_"), (_Shell,), {})
+                if (module, name) in _TS_ALLOWED:
+                    if module == "torch.jit._pickle":
+                        return lambda values: list(values)
+                    return getattr(importlib.import_module(module), name)
+                if module == "torch" and name.endswith("Storage") and name != "Storage":
+                    return getattr(torch, name)
+                raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a weights file")
+
+            def persistent_load(self, pid):
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                    raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+                _, storage_type, key, _location, numel = pid
+                dtype = getattr(storage_type, "dtype", None)
+                if not isinstance(dtype, torch.dtype):
+                    raise pickle.UnpicklingError(f"unexpected storage type {storage_type!r}")
+                raw = bytearray(zf.read(f"{root}/data/{key}"))
+                untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+                with warnings.catch_warnings():  # the typed wrapper is what _rebuild_tensor_v2 takes
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+        import io
+
+        with warnings.catch_warnings():  # legacy typed storages are what TorchScript archives name
+            warnings.simplefilter("ignore", UserWarning)
+            obj = Restricted(io.BytesIO(zf.read(pkl))).load()
+    out: dict = {}
+
+    def walk(node, prefix):
+        attrs = node._attrs if isinstance(node, _Shell) else node
+        for k, v in attrs.items():
+            if torch.is_tensor(v):
+                out[f"{prefix}{k}"] = v
+            elif isinstance(v, (_Shell, dict)):
+                walk(v, f"{prefix}{k}.")
+
+    walk(obj, "")
+    return out
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
+
+
+def read_weights(path: Path, origin: str = "") -> dict:
+    """A weights file as {name: tensor}, never running code: safetensors, a TorchScript archive's
+    tensors, or torch.load(weights_only=True). Raises UnsafeWeightsError naming the file."""
+    import torch
+
+    where = f" (from the {origin})" if origin else ""
+    try:
+        if _is_safetensors(path):
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif is_torchscript(path):
+            state = read_torchscript_tensors(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except UnsafeWeightsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, a truncated zip, a foreign format: all the same to the user
+        raise UnsafeWeightsError(
+            f"weights file {path}{where} cannot be read as plain tensors ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"fewstep reads weights only with torch.load(weights_only=True), safetensors or as TorchScript tensors, so a file "
+            f"that needs the full unpickler (which can run code) is refused. Give a state dict, a safetensors file or a "
+            f"TorchScript copy of the network") from None
+    if hasattr(state, "state_dict") and not isinstance(state, dict):
+        state = state.state_dict()
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UnsafeWeightsError(f"weights file {path}{where} holds a {type(state).__name__}, not a dict of named tensors")
+    return dict(state)
+
+
+def _verified_copy(source: Path, digest: str, state: dict, net: str, check) -> Path:
+    """Write `state` as fewstep's own plain state dict (atomic) after `check(path)` accepted it."""
+    import torch
+
+    target = cache_dir() / net / f"verified-{digest[:16]}.pth"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # torch >= 2.9 deprecates torch.jit.load; the file format is what it is
-        warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(source), map_location="cpu")
-    state = convert_torchscript_inception(module)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     torch.save(state, tmp)
     try:
-        # torch-fidelity's own constructor loads strictly: every key and shape must fit
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp))
-    except Exception:
+        check(tmp)
+    except Exception as exc:  # noqa: BLE001 - a wrong network: name the file the user gave
         tmp.unlink(missing_ok=True)
-        raise
+        raise UnsafeWeightsError(f"weights file {source} is not the {net} network torch-fidelity expects: "
+                                 f"{' '.join(str(exc).split())[:400]}") from None
     os.replace(tmp, target)
     return target
 
 
-def _state_dict_has_logits(path: Path) -> bool:
-    import torch
+def _check_inception(path: Path) -> None:
+    # torch-fidelity's own constructor loads strictly: every key and shape must fit (the file is fewstep's)
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+
+
+def _check_vgg16(path: Path) -> None:
+    import torch
+    import torchvision
+
+    torchvision.models.vgg16().load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def verified_inception(source: Path, origin: str = "") -> tuple[Path, bool, str]:
+    """(fewstep's verified state dict, has logits, format) for the Inception weights file `source`."""
+    digest = sha256_of(source)
+    cached = cache_dir() / "inception" / f"verified-{digest[:16]}.pth"
+    fmt = "torchscript (converted)" if is_torchscript(source) else "state-dict"
+    if cached.is_file():
+        state = read_weights(cached, "fewstep cache")
+        return cached, _has_logits(state), fmt
+    state = read_weights(source, origin)
+    if any(k.startswith("net.layers.") for k in state):
+        try:
+            state = convert_torchscript_inception(state)
+        except ValueError as exc:
+            raise UnsafeWeightsError(f"weights file {source}: {exc}") from None
+    return _verified_copy(source, digest, state, "inception", _check_inception), _has_logits(state), fmt
+
+
+def converted_inception(source: Path) -> Path:
+    """The verified torch-fidelity state dict made from `source` (converted and written on first use)."""
+    return verified_inception(source)[0]
+
+
+def _has_logits(state: dict) -> bool:
     fc = state.get("fc.weight")
     return fc is not None and bool(fc.abs().sum() > 0)
 
@@ -258,25 +414,34 @@ def vgg16_help() -> str:
     )
 
 
+def download_weights(url: str, hub_file: str) -> None:
+    """download=true: fetch `url` into the torch hub cache (the file is then read like any other)."""
+    import torch.hub
+
+    target = hub_checkpoints_dir() / hub_file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(target), progress=False)
+
+
 def resolve_inception(explicit: str = "", need_logits: bool = False, metric_names: str = "FID/KID") -> Weights:
-    """The Inception weights to hand torch-fidelity, or MissingWeightsError explaining how to provide them."""
+    """The Inception weights to hand torch-fidelity (always a file fewstep verified and wrote), or
+    MissingWeightsError explaining how to provide them."""
     for origin, path, must_exist in _candidates(explicit, ENV_INCEPTION, INCEPTION_HUB_FILE, _fid_helper_default()):
         if not path.is_file():
             if must_exist:
                 raise MissingWeightsError(f"Inception weights from the {origin}: no such file {path}\n" + inception_help(metric_names))
             continue
-        if is_torchscript(path):
-            if need_logits:
-                raise MissingWeightsError(
-                    f"the Inception Score needs the Inception's 1008-way logits layer, which the TorchScript {path} "
-                    f"(from the {origin}) does not contain: it serves FID and KID only. For IS give torch-fidelity's "
-                    f"{INCEPTION_HUB_FILE} (inception_weights=PATH, ${ENV_INCEPTION}, or the torch hub cache "
-                    f"{hub_checkpoints_dir() / INCEPTION_HUB_FILE}).")
-            return Weights(converted_inception(path), path, sha256_of(path), "torchscript (converted)", origin, False)
-        if need_logits and not _state_dict_has_logits(path):
+        if need_logits and is_torchscript(path):
+            raise MissingWeightsError(
+                f"the Inception Score needs the Inception's 1008-way logits layer, which the TorchScript {path} "
+                f"(from the {origin}) does not contain: it serves FID and KID only. For IS give torch-fidelity's "
+                f"{INCEPTION_HUB_FILE} (inception_weights=PATH, ${ENV_INCEPTION}, or the torch hub cache "
+                f"{hub_checkpoints_dir() / INCEPTION_HUB_FILE}).")
+        verified, has_logits, fmt = verified_inception(path, origin)
+        if need_logits and not has_logits:
             raise MissingWeightsError(f"the Inception Score needs a logits layer; {path} (from the {origin}) has an all-zero "
                                       f"fc layer (a conversion from a TorchScript). Give torch-fidelity's {INCEPTION_HUB_FILE}.")
-        return Weights(path, path, sha256_of(path), "state-dict", origin, True)
+        return Weights(verified, path, sha256_of(path), fmt, origin, has_logits)
     raise MissingWeightsError(inception_help(metric_names))
 
 
@@ -288,5 +453,9 @@ def resolve_vgg16(explicit: str = "") -> Weights:
             continue
         if is_torchscript(path):
             raise MissingWeightsError(f"{path} is a TorchScript archive; precision/recall needs a torchvision VGG16 state dict")
-        return Weights(path, path, sha256_of(path), "state-dict", origin, False)
+        digest = sha256_of(path)
+        cached = cache_dir() / "vgg16" / f"verified-{digest[:16]}.pth"
+        if not cached.is_file():
+            cached = _verified_copy(path, digest, read_weights(path, origin), "vgg16", _check_vgg16)
+        return Weights(cached, path, digest, "state-dict", origin, False)
     raise MissingWeightsError(vgg16_help())
