@@ -202,7 +202,7 @@ def render_eval_table(payload: dict[str, Any], run: Path, num: int):
 def write_previews(comparison, console: Any, registry=None) -> dict[tuple[str, int], Path]:
     """One row of sample previews per objective (its first run), at every NFE: OUT/samples/<label>_nfe<k>.png."""
     from .runs import load_model
-    from .sampling import generate
+    from .sampling import generate, save_sample_grid
 
     spec = comparison.spec
     ev = spec.base.eval
@@ -217,16 +217,30 @@ def write_previews(comparison, console: Any, registry=None) -> dict[tuple[str, i
         except Exception as exc:  # noqa: BLE001 - a missing picture must not lose the numbers
             console.log(f"[red]preview {run.label} failed: {type(exc).__name__}: {exc}")
             continue
-        nrow = loaded.data.spec.num_classes if 0 < loaded.data.spec.num_classes <= 16 else None
         for nfe in spec.nfes:
             try:
                 imgs = generate(loaded.objective, loaded.sampler, loaded.net, loaded.data, ev["grid"], nfe,
                                 seed=ev["seed"], batch=ev["batch"], device=loaded.device, balanced=True)
                 path = spec.out / "samples" / f"{file_slug(run.label)}_nfe{nfe}.png"
-                grids[(run.label, nfe)] = loaded.data.save_preview(imgs, path, nrow=nrow)
+                grids[(run.label, nfe)] = save_sample_grid(loaded.data, imgs, path, objective=loaded.recipe.objective.name,
+                                                           nfe=nfe, step=loaded.step, ema=loaded.ema_decay)
             except Exception as exc:  # noqa: BLE001 - as above
                 console.log(f"[red]preview {run.label} nfe {nfe} failed: {type(exc).__name__}: {exc}")
     return grids
+
+
+def training_curves(comparison, console: Any) -> dict[str, str]:
+    """OUT/training_curves.png: the loss and every other logged metric of each compared run (fewstep plot's picture)."""
+    from .curves import draw_curves, load_curves
+
+    runs = list(dict.fromkeys(r.run for r in comparison.runs))
+    try:
+        curves = load_curves(runs)
+        draw_curves(curves, comparison.spec.out / "training_curves.png", title="training curves")
+    except Exception as exc:  # noqa: BLE001 - a missing picture must not lose the numbers
+        console.log(f"[red]training curves failed: {type(exc).__name__}: {exc}")
+        return {}
+    return {"training_curves": "training_curves.png"}
 
 
 def write_compare_report(comparison, console: Any, registry=None) -> tuple[str, dict[str, str]]:
@@ -238,6 +252,7 @@ def write_compare_report(comparison, console: Any, registry=None) -> tuple[str, 
     grids = write_previews(comparison, console, registry)
     files = write_plots(entries, curves, grids, comparison.labels, spec.nfes, spec.out, title)
     files.update(evaluator_plots(entries, comparison.evaluators, spec.nfes, spec.out))
+    files.update(training_curves(comparison, console))
     payload = {
         "title": title,
         "protocol": comparison.protocol_record(),

@@ -100,6 +100,7 @@ def test_compare_writes_one_entry_per_objective_and_nfe(tmp_path, variant):
     # metric vs step: the intermediate checkpoint (step 2) and the end (step 4), per objective
     assert sorted((c["label"], c["step"]) for c in data["curves"]) == [("fm", 2), ("fm", 4), ("fm-variant", 2), ("fm-variant", 4)]
     assert (out / "grids.png").stat().st_size > 0 and (out / "metrics.png").stat().st_size > 0
+    assert data["files"]["training_curves"] == "training_curves.png" and (out / "training_curves.png").stat().st_size > 0
     assert "fm-variant" in res.output and "ms/step" in res.output and "torch-fidelity" in res.output
     # each objective ran with its own defaults, the same seed and data
     fm = (out / "fm" / "seed3" / "recipe.toml").read_text()
