@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .interfaces import BuildContext, Evaluator
-from .recipe import Recipe, RecipeError, recipe_from_dict
+from .recipe import Recipe, RecipeError, recipe_from_dict, toml_value
 from .registry import Registry, RegistryError, get_registry
 
 DEFAULT_METRICS = ("fid", "kid")
@@ -50,22 +50,13 @@ class CompareError(RuntimeError):
 
 def parse_options(items: Iterable[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings -> dict; VALUE read with TOML's grammar (3 -> int, true -> bool), else a string."""
-    import tomllib
-
     out: dict[str, Any] = {}
     for text in items:
         key, sep, raw = text.partition("=")
         key = key.strip()
         if not sep or not key:
             raise CompareError(f"evaluator option {text!r} must look like KEY=VALUE, e.g. inception_weights=/path/default_1.pt")
-        raw = raw.strip()
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-            if not isinstance(value, (bool, int, float, str)):
-                value = raw
-        except tomllib.TOMLDecodeError:
-            value = raw
-        out[key] = value
+        out[key] = toml_value(raw.strip(), (bool, int, float, str))
     return out
 
 
