@@ -1,4 +1,4 @@
-"""SoFlow, checked against the claims of the paper and the official code (spec section 1 and 7)."""
+"""SoFlow, checked against the claims of the paper and the official code (docs/objectives/soflow.md)."""
 import math
 
 import pytest
@@ -149,7 +149,7 @@ def fixed_inputs(B=8, nC=3, seed=0):
 
 
 def explicit_loss(obj, net, x0, y, e, t, s, l_c, dropped):
-    """The explicit equivalent loss of spec 1.4 (same gradient as the official surrogate), written naively."""
+    """The explicit equivalent loss (docs/objectives/soflow.md), same gradient as the official surrogate."""
     B, nC = x0.shape[0], len(l_c)
     nF = B - nC
     sch = obj.sch

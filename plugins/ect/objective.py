@@ -1,6 +1,6 @@
 """ECT: Easy Consistency Tuning (Geng et al., "Consistency Models Made Easy", 2024), after locuslab/ect.
 
-One step (spec section 3.3), EDM VE convention, sigma written t as in the paper:
+One step (locuslab/ect training/loss.py:52-92; docs/objectives/ect.md), EDM VE convention, sigma written t:
     ln t ~ N(P_mean, P_std);  r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))) clamped at 0
     e ~ N(0, I) shared:  x_t = x0 + t e,  x_r = x0 + r e
     student  D_t = D(x_t, t)                      (with gradient)

@@ -78,7 +78,7 @@ def r_schedule(kind: str, k: int, K: int, r_init: float, r_end: float) -> float:
 
 def sample_tsl(n: int, r: float, t_mean: float, t_std: float, s_mean: float, s_std: float, gap: float = 1e-4,
                device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The consistency triple exactly as coded (spec 1.2): no sorting.
+    """The consistency triple exactly as coded (train.py:259-266): no sorting.
 
     t = max(time2, gap); s = min(time1, t - gap); l = min(t + (s - t) r, t - gap).
     When time1 > time2, s collapses to t - gap and l = s (the "degenerate" rows, ~14.5% on ImageNet).
