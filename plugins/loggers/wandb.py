@@ -6,10 +6,17 @@ The run id is kept in RUN/wandb_run_id, so `--resume` continues the same W&B run
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
 from fewstep.api import BuildContext, Logger, UserError
+
+
+def _new_run_id() -> str:
+    """A W&B run id (8 lowercase letters and digits, the form wandb makes its own)."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 class WandbLogger(Logger):
@@ -28,7 +35,7 @@ class WandbLogger(Logger):
         import wandb
 
         id_file = Path(run_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if (resume_step is not None and id_file.is_file()) else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if (resume_step is not None and id_file.is_file()) else _new_run_id()
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=self.project, entity=self.entity or None, mode=os.environ.get("WANDB_MODE", self.mode),
                               group=self.group or None, tags=self.tags or None, name=recipe.get("name"), id=run_id,
