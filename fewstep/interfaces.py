@@ -78,11 +78,15 @@ class LossOutput:
 
 
 class Objective(abc.ABC):
-    """A training objective: owns its parameterisation, time sampling, CFG and weighting."""
+    """A training objective: owns its parameterisation, time sampling, CFG and weighting.
+
+    Its default sampler is not an attribute: it is named once, at registration
+    (``register(..., default_sampler="...")``, kept in ``PluginSpec.extras``), and a recipe without a
+    ``[sampler]`` table gets it from there (fewstep/recipe.py).
+    """
 
     #: the metric (a key of LossOutput.metrics) that tells how training goes: the progress bar and the final
     #: table show it beside the loss, whose value under adaptive weighting (p = 1) sits near 1 whatever the error.
-    #: (The default sampler is named once, at registration: ``register(..., default_sampler="...")``.)
     headline_metric: str = ""
     #: True when loss() calls the unwrapped module (e.g. torch.func.jvp), bypassing DDP: the engine
     #: then skips the DDP wrapper and all-reduces gradients itself after backward

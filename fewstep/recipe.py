@@ -16,9 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The one place that chooses the TOML reader: the standard library's tomllib on Python 3.11+,
+# the tomli backport (a dependency on 3.10) before. Every other module reads TOML through
+# `toml_value` below or `from fewstep.recipe import tomllib`.
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover
+else:  # pragma: no cover - exercised by tests/test_api.py with a stand-in module
     import tomli as tomllib
 
 from .errors import UserError
@@ -141,14 +144,17 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise RecipeError("--set", path, f"an override key must be table.key or one of {', '.join(TOP_LEVEL_KEYS)}",
                           nearest(path, TABLES + TOP_LEVEL_KEYS))
     table, _, key = path.partition(".")
-    raw = raw.strip()
+    return table, key, toml_value(raw.strip())
+
+
+def toml_value(raw: str, kinds: tuple[type, ...] = (bool, int, float, str, list)) -> Any:
+    """One value written in TOML's grammar (``3`` -> int, ``true`` -> bool, ``[1, 2]`` -> list); text
+    that is not valid TOML, or parses to a type outside `kinds` (dates, tables), stays the string."""
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-        if not isinstance(value, (bool, int, float, str, list)):
-            value = raw  # dates and tables stay strings
     except tomllib.TOMLDecodeError:
-        value = raw
-    return table, key, value
+        return raw
+    return value if isinstance(value, kinds) else raw
 
 
 def _read(path: Path, seen: tuple[Path, ...]) -> tuple[dict[str, Any], dict[tuple[str, str], str]]:

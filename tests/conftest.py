@@ -24,6 +24,15 @@ def registry():
     return reg
 
 
+def write_recipe(folder, name, text):
+    """Write a recipe given as indented TOML text to folder/name; return the path."""
+    import textwrap
+
+    p = folder / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
 def tiny_dict(**tables):
     """A recipe small enough to train a few steps on CPU in about a second."""
     d = {

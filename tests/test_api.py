@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
+from fewstep.recipe import tomllib
 import types
 from pathlib import Path
 
@@ -283,3 +283,57 @@ def test_guide_complete_example_and_its_tests_pass(guide_tree):
                          capture_output=True, text=True, env=env, cwd=guide_tree)
     assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
 
+
+
+# ======================================================================================
+# one TOML reader: tomllib on 3.11+, tomli on 3.10
+# ======================================================================================
+
+def _toml_imports(path: Path) -> list[str]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+        out += [n for n in names if n.split(".")[0] in ("tomllib", "tomli")]
+    return out
+
+
+def test_only_recipe_py_imports_tomllib_or_tomli():
+    """pyproject allows Python 3.10, where tomllib does not exist: the choice is made once, in fewstep/recipe.py."""
+    files = [p for d in ("fewstep", "plugins", "benchmarks", "tests", "examples") for p in (ROOT / d).rglob("*.py")
+             if "__pycache__" not in p.parts]
+    assert len(files) > 50
+    found = {p.relative_to(ROOT).as_posix(): names for p in files if (names := _toml_imports(p))}
+    assert found == {"fewstep/recipe.py": ["tomllib", "tomli"]}, found
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert deps["requires-python"] == ">=3.10"
+    assert any(d.replace('"', "'").replace(" ", "") == "tomli>=2.0;python_version<'3.11'" for d in deps["dependencies"])
+
+
+def test_recipe_reads_toml_with_tomli_on_python_3_10(monkeypatch):
+    """fewstep/recipe.py executed as if on Python 3.10 picks `tomli` (a stand-in module here) and reads through it."""
+    import importlib.util
+
+    calls = []
+    fake = types.ModuleType("tomli")
+    fake.TOMLDecodeError = type("TOMLDecodeError", (ValueError,), {})
+
+    def loads(text):
+        calls.append(text)
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise fake.TOMLDecodeError(str(exc)) from None
+
+    fake.loads = loads
+    monkeypatch.setitem(sys.modules, "tomli", fake)
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    spec = importlib.util.spec_from_file_location("fewstep._recipe_as_py310", ROOT / "fewstep" / "recipe.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    assert mod.tomllib is fake
+    assert mod.toml_value("[1, 2]") == [1, 2] and calls == ["v = [1, 2]"]
+    assert mod.toml_value("not toml {") == "not toml {" and len(calls) == 2  # the stand-in's error is the one caught
+    monkeypatch.undo()
+    assert importlib.import_module("fewstep.recipe").tomllib.__name__ == "tomllib"

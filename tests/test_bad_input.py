@@ -18,7 +18,7 @@ import pytest
 import tomli_w
 from typer.testing import CliRunner
 
-from conftest import tiny_dict
+from conftest import tiny_dict, write_recipe
 from fewstep.cli import app
 
 RUN = "run"  # the run folder every case may write to (tmp/run)
@@ -49,9 +49,7 @@ def recipe(tmp: Path, name: str = "r.toml", **tables) -> Path:
 
 
 def text_recipe(tmp: Path, text: str, name: str = "r.toml") -> Path:
-    p = tmp / name
-    p.write_text(textwrap.dedent(text))
-    return p
+    return write_recipe(tmp, name, text)
 
 
 BASE = """

@@ -23,6 +23,10 @@ from conftest import tiny_dict
 
 CTX = BuildContext(data=DataSpec((1, 4, 4), 3), train_steps=100)
 SD, SMIN, SMAX = 0.5, 0.002, 80.0
+# the mapping's official constants (q 2, k 8, b 1, sigmoid) and iCT's s0 10, s1 1280, as declared once
+DECLARED = get_registry().get("objective", "ect").options.resolve({})
+MAP = {k: DECLARED[k] for k in ("q", "k", "b", "mapping")}
+S01 = (DECLARED["s0"], DECLARED["s1"])
 
 
 class Recorder(torch.nn.Module):
@@ -117,43 +121,44 @@ def test_denoiser_feeds_the_backbone_c_in_x_and_t_fm_for_both_times():
 
 def test_ect_r_schedule_values():
     t = torch.tensor([0.05, 0.5, 3.0, 80.0], dtype=torch.float64)
-    r0 = ect_r(t, 0)
+    r0 = ect_r(t, 0, **MAP)
     assert r0[0] == 0 and r0[1] == 0  # stage 0: small t clamps to r = 0 (a denoising target)
     assert r0[2].item() == pytest.approx(0.931, abs=1e-3)
     assert r0[3].item() == pytest.approx(40.0, rel=1e-12)
     for stage in (0, 1, 2):
         expected = [max(0.0, tt * (1 - 2.0 ** -(stage + 1) * (1 + 8 / (1 + math.exp(tt))))) for tt in t.tolist()]
-        torch.testing.assert_close(ect_r(t, stage), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
-    assert ect_r(torch.tensor([80.0]), 1).item() == pytest.approx(60.0) and ect_r(torch.tensor([80.0]), 2).item() == pytest.approx(70.0)
+        torch.testing.assert_close(ect_r(t, stage, **MAP), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    assert ect_r(torch.tensor([80.0]), 1, **MAP).item() == pytest.approx(60.0)
+    assert ect_r(torch.tensor([80.0]), 2, **MAP).item() == pytest.approx(70.0)
     assert [ect_stage(s, 25_000) for s in (0, 24_999, 25_000, 50_000)] == [0, 0, 1, 2]
 
 
 def test_ect_const_mapping_is_the_official_t_to_r_const():
     t = torch.tensor([0.05, 0.5, 3.0, 80.0], dtype=torch.float64)
     for stage in (0, 1, 3):
-        torch.testing.assert_close(ect_r(t, stage, q=2.0, mapping="const"), t * (1 - 2.0 ** -(stage + 1)), rtol=1e-15, atol=0)
+        torch.testing.assert_close(ect_r(t, stage, **{**MAP, "mapping": "const"}), t * (1 - 2.0 ** -(stage + 1)), rtol=1e-15, atol=0)
     obj = ECT(CTX, mapping="const", q=4.0, double_every=10)
     torch.manual_seed(1)
     tt, r = obj.sample_t_r(500, step=10, device="cpu")  # stage 1: r = t (1 - 1/16)
     torch.testing.assert_close(r, tt * (1 - 4.0 ** -2))
     with pytest.raises(ValueError, match="mapping"):
-        ect_r(t, 0, mapping="linear")
+        ect_r(t, 0, **{**MAP, "mapping": "linear"})
 
 
 def test_ect_sample_t_r_follows_the_stage():
     obj = ECT(CTX, double_every=10)
     torch.manual_seed(1)
     t, r = obj.sample_t_r(1000, step=25, device="cpu")  # stage 2
-    torch.testing.assert_close(r, ect_r(t, 2))
+    torch.testing.assert_close(r, ect_r(t, 2, **MAP))
     assert (r < t).all() and (r >= 0).all()
     assert abs(t.log().mean().item() + 1.1) < 0.2 and abs(t.log().std().item() - 2.0) < 0.2
 
 
 def test_ict_curriculum_and_discretised_lognormal():
     K = 8000  # K' = floor(8000 / (log2(128) + 1)) = 1000
-    assert ict_num_points(0, K) == 11  # s0 = 10 intervals
-    assert ict_num_points(999, K) == 11 and ict_num_points(1000, K) == 21
-    assert ict_num_points(7000, K) == 1281 and ict_num_points(K, K) == 1281  # capped at s1 + 1
+    assert ict_num_points(0, K, *S01) == 11  # s0 = 10 intervals
+    assert ict_num_points(999, K, *S01) == 11 and ict_num_points(1000, K, *S01) == 21
+    assert ict_num_points(7000, K, *S01) == 1281 and ict_num_points(K, K, *S01) == 1281  # capped at s1 + 1
     for n in (11, 161, 1281):
         sig = karras_sigmas(n, SMIN, SMAX, 7.0)
         assert sig[0].item() == pytest.approx(SMIN) and sig[-1].item() == pytest.approx(SMAX)

@@ -6,12 +6,12 @@ import torch
 
 from fewstep.interfaces import BuildContext, DataSpec
 from fewstep_plugins.gmm.data import mixture_from_options
-from fewstep_plugins.gmm.evaluator import GMMExact
 from fewstep_plugins.gmm.exact import GaussianMixture, energy_distance, gaussian_flow_map, sliced_w2
 from conftest import builtin
 
 SoFlow = builtin("objective", "soflow")
 GMMSource = builtin("dataset", "gmm")
+GMMExact = builtin("evaluator", "gmm-exact")
 
 
 def ring(std=0.15, K=4, d=2):

@@ -1,4 +1,4 @@
-"""MeanFlow (spec 2, 7.3, 7.6-7.9): time sampling, the JVP target, CFG, weighting, sampler, DDP gradients."""
+"""MeanFlow (docs/objectives/meanflow.md): time sampling, the JVP target, CFG, weighting, sampler, DDP gradients."""
 import math
 import os
 import subprocess
@@ -86,14 +86,14 @@ def test_options_are_validated():
     assert MeanFlow(CTX, jvp_mode="single").manual_grad_sync and not MeanFlow(CTX).manual_grad_sync
 
 
-# -- (t, r) sampling and class dropout (spec 2.2, 2.5) -----------------------------------------
+# -- (t, r) sampling and class dropout (meanflow.py:147-157, 191-200) -----------------------------------------
 def test_official_tr_sampler_first_rows_are_fm_rows():
     obj = MeanFlow(CTX)
     t, r = obj.sample_tr(200_000, "cpu")
     n_fm = int(0.75 * 200_000)
     assert torch.equal(t[:n_fm], r[:n_fm]) and bool((r[n_fm:] < t[n_fm:]).all())
     gap = (t - r)[n_fm:]
-    assert abs(gap.median().item() - 0.20) < 0.01  # spec 2.2: median off-diagonal gap about 0.20
+    assert abs(gap.median().item() - 0.20) < 0.01  # median off-diagonal gap about 0.20 with P_mean -0.4, P_std 1
     # both logit-normal(-0.4, 1) then sorted: t = max of two draws -> P(logit t < -0.4) = 1/4
     assert abs((torch.logit(t[n_fm:]) < -0.4).float().mean().item() - 0.25) < 0.01
 
@@ -119,7 +119,7 @@ def test_class_drop_first_rows_by_index():
     assert rnd[:, 32:].any()  # a random mask reaches the later rows
 
 
-# -- the JVP (spec 2.4, 7.8) -------------------------------------------------------------------
+# -- the JVP (meanflow.py:224-231) -------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["backbone", "torch"])
 @pytest.mark.parametrize("mode", ["single", "lean"])
 def test_jvp_matches_central_difference(mode, impl):
@@ -159,7 +159,7 @@ def test_fused_attention_dit_works_inside_the_jvp(mode, impl):
         torch.func.jvp(lambda z_: fused(z_, t, r, y), (z,), (v_g,))
 
 
-# -- the target and the loss (spec 2.3) ---------------------------------------------------------
+# -- the target and the loss (meanflow.py:235-246) ---------------------------------------------------------
 @pytest.mark.parametrize("mode", ["single", "lean"])
 def test_r_equals_t_rows_reduce_to_flow_matching(mode):
     """At r = t, u_tgt = v_g = v (no CFG): the loss and its gradient are a weighted FM loss."""
@@ -243,7 +243,7 @@ def test_adaptive_weight_is_detached():
     assert bool((per_row > 0.99).all()) and out.metrics["sq_err_sum"] == pytest.approx(err.mean().item())
 
 
-# -- training-time CFG (spec 2.5, 7.7) ----------------------------------------------------------
+# -- training-time CFG (meanflow.py:171-200) ----------------------------------------------------------
 class ConstantFields(torch.nn.Module):
     """net(x, t, s, y) = value[y] everywhere; records (training, t, s) per call."""
 
@@ -294,7 +294,7 @@ def test_cfg_off_when_unconditional_and_target_has_no_grad():
     assert not MeanFlow(CTX).guided_velocity(net, z, v, t, y, drop).requires_grad
 
 
-# -- single vs lean (spec 2.4) ------------------------------------------------------------------
+# -- single vs lean (docs/objectives/meanflow.md) ------------------------------------------------------------------
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_single_and_lean_give_the_same_gradient(dropout):
     """Every execution path gives one loss and one gradient: JVP mode x JVP implementation x CFG reuse
@@ -377,7 +377,7 @@ def test_backbone_jvp_under_bf16_autocast(mode):
     assert (dudt[off].float() - ref[off]).norm() / ref[off].norm() < 3e-2
 
 
-# -- the sampler (spec 2.7, 7.3, 7.9) -----------------------------------------------------------
+# -- the sampler (meanflow.py:102-124) -----------------------------------------------------------
 def test_sampler_call_sequence_and_boundary():
     obj = MeanFlow(CTX)
     net = ConstantFields(torch.tensor([0.5, 1.0, 1.5, 2.0]))
@@ -405,7 +405,7 @@ def test_trainer_runs_meanflow(tmp_path, tiny):
     assert res.step == 2 and {"loss", "mse", "sq_err_sum"} <= set(res.final_metrics) and len(res.grids) == 2
 
 
-# -- DDP (spec 2.4, 7.8): 2 gloo processes on CPU -----------------------------------------------
+# -- DDP (py-meanflow README: the JVP bypasses DDP), 2 gloo processes on CPU ---------------------
 class TinyAttnNet(torch.nn.Module):
     """net(x, t, s, y) with pixels as tokens and fused SDPA, conditioned on t, t - s and y (no timm import,
     so the spawned workers start fast)."""

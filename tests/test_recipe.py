@@ -1,5 +1,4 @@
 """Recipe validation: every error names the file, the key and the nearest valid spelling, before any work."""
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -7,12 +6,10 @@ from typer.testing import CliRunner
 
 from fewstep.cli import app
 from fewstep.recipe import RecipeError, load_recipe, parse_override
+from conftest import write_recipe
 
 
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    p = tmp_path / name
-    p.write_text(textwrap.dedent(text))
-    return p
+write = write_recipe  # write(tmp_path, name, text) -> path
 
 
 BASE = """

@@ -1,10 +1,11 @@
-"""SoFlow, checked against the claims of the paper and the official code (spec section 1 and 7)."""
+"""SoFlow, checked against the claims of the paper and the official code (docs/objectives/soflow.md)."""
 import math
 
 import pytest
 import torch
 
 from fewstep.interfaces import Batch, BuildContext, DataSpec
+from fewstep.registry import Registry
 from conftest import builtin, make_dit
 
 SoFlow = builtin("objective", "soflow")
@@ -14,6 +15,10 @@ from fewstep_plugins.soflow.scheduler import Scheduler, cfg_decay, r_schedule, s
 SPEC = DataSpec((2, 4, 4), 5)
 CTX = BuildContext(data=SPEC, train_steps=100)
 NO_CFG = dict(cfg_scale=1.0, cfg_drop=0.0, mix_ratio=1.0)
+# the official constants as declared once (plugins/soflow/__init__.py): g(t)'s decay time 0.8 and k 0.025, gap 1e-4
+DECLARED = Registry().get("objective", "soflow").options.resolve({})
+DECAY = (DECLARED["cfg_decay_time"], DECLARED["cfg_decay_k"])
+GAP = DECLARED["min_gap"]
 
 
 class TinyNet(torch.nn.Module):
@@ -46,7 +51,7 @@ def random_dit(seed=0):
     return net
 
 
-# ---- 1.1 parameterisation --------------------------------------------------------------------
+# ---- parameterisation (models.py:9-120) -----------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["euler", "trig"])
 def test_boundary_condition_holds_exactly(kind):
@@ -83,12 +88,12 @@ def test_trig_and_euler_are_exact_for_a_point_mass(kind):
     torch.testing.assert_close(sch.velocity(F), sch.path_velocity(x0, e, t))
 
 
-# ---- 1.2 time sampling -------------------------------------------------------------------------
+# ---- time sampling (train.py:224-266) -------------------------------------------------------------
 
 def test_tsl_sampler_statistics_imagenet():
     torch.manual_seed(0)
     n = 1_000_000
-    t, s, l = sample_tsl(n, r=0.1, t_mean=0.2, t_std=0.8, s_mean=-1.0, s_std=0.8)
+    t, s, l = sample_tsl(n, r=0.1, t_mean=0.2, t_std=0.8, s_mean=-1.0, s_std=0.8, gap=GAP)
     degenerate = (s == t - 1e-4).float().mean().item()
     assert abs(degenerate - 0.145) < 0.002, degenerate
     assert (s < t).all()
@@ -100,7 +105,7 @@ def test_tsl_sampler_statistics_imagenet():
 
 def test_tsl_no_sorting_cifar_fraction():
     torch.manual_seed(1)
-    t, s, _ = sample_tsl(400_000, r=1.0, t_mean=-0.9, t_std=1.6, s_mean=-4.0, s_std=1.6)
+    t, s, _ = sample_tsl(400_000, r=1.0, t_mean=-0.9, t_std=1.6, s_mean=-4.0, s_std=1.6, gap=GAP)
     assert abs((s == t - 1e-4).float().mean().item() - 0.085) < 0.003
 
 
@@ -131,7 +136,7 @@ def test_batch_split_by_index_fm_rows_first():
     assert (student["s"][6:] < student["t"][6:]).all()
 
 
-# ---- 1.3 / 1.4 losses ---------------------------------------------------------------------------
+# ---- losses (models.py:122-207) -------------------------------------------------------------------
 
 def fixed_inputs(B=8, nC=3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -149,7 +154,7 @@ def fixed_inputs(B=8, nC=3, seed=0):
 
 
 def explicit_loss(obj, net, x0, y, e, t, s, l_c, dropped):
-    """The explicit equivalent loss of spec 1.4 (same gradient as the official surrogate), written naively."""
+    """The explicit equivalent loss (docs/objectives/soflow.md), same gradient as the official surrogate."""
     B, nC = x0.shape[0], len(l_c)
     nF = B - nC
     sch = obj.sch
@@ -160,7 +165,7 @@ def explicit_loss(obj, net, x0, y, e, t, s, l_c, dropped):
         v_c = sch.velocity(net(x_t, t, t, y))
     total = 0.0
     for i in range(B):
-        g = cfg_decay(t[i:i + 1])[0] if obj.cfg_active else 0.0
+        g = cfg_decay(t[i:i + 1], *DECAY)[0] if obj.cfg_active else 0.0
         F_i = net(x_t[i:i + 1], t[i:i + 1], s[i:i + 1], y_in[i:i + 1])[0]
         if obj.cfg_active and not dropped[i]:
             v_g = v[i] + g * (obj.w - 1) * (v[i] - v_u[i])
@@ -260,12 +265,12 @@ def test_teacher_reuses_the_students_dropout_masks():
     assert torch.equal(student["out"][B - nC:], teacher["out"][B - nC:])
 
 
-# ---- 1.6 training-time CFG ------------------------------------------------------------------------
+# ---- training-time CFG (models.py:130-140, 170-182, 209-215) --------------------------------------
 
 @pytest.mark.parametrize("t,g", [(0.5, 1.0), (0.8, 1.0), (0.801, 0.993), (0.81, 0.378), (0.82, 0.201),
                                  (0.85, 0.072), (0.9, 0.0247), (0.99, 0.0013), (1.0, 0.0)])
 def test_cfg_decay_table(t, g):
-    assert cfg_decay(torch.tensor([t], dtype=torch.float64)).item() == pytest.approx(g, abs=6e-4)
+    assert cfg_decay(torch.tensor([t], dtype=torch.float64), *DECAY).item() == pytest.approx(g, abs=6e-4)
 
 
 def test_cfg_target_row_by_row_and_dropped_rows():
@@ -273,7 +278,7 @@ def test_cfg_target_row_by_row_and_dropped_rows():
     v, v_u, v_c = torch.full((3, 1), 2.0), torch.full((3, 1), 0.5), torch.full((3, 1), 1.0)
     t = torch.tensor([0.3, 0.81, 0.3])
     out = obj.guided_target(v, v_u, v_c, t, torch.tensor([False, False, True]))
-    g = cfg_decay(t)
+    g = cfg_decay(t, *DECAY)
     expect = 0.25 * (2.0 + g * 2 * (2.0 - 0.5)) + 0.75 * 1.0
     torch.testing.assert_close(out[:2, 0], expect[:2])
     assert out[2, 0] == 2.0  # dropped row: raw v
@@ -330,7 +335,7 @@ def test_guidance_velocities_come_from_the_model_at_s_equal_t_with_null_and_true
     assert torch.equal(guide["y"][B:], y[B - nC:])  # v_c: true labels on consistency rows
 
 
-# ---- 1.10 sampling ---------------------------------------------------------------------------------
+# ---- sampling (inference.py:61-88) ----------------------------------------------------------------
 
 class ZeroNet(torch.nn.Module):
     def __init__(self):

@@ -120,25 +120,24 @@ def _timestep(emb, t, dt):
     return _linear(emb.mlp[2], a, da)
 
 
+def _gated_branch(norm, branch, x, dx, sh, dsh, sc, dsc, g, dg):
+    """x + g * branch(modulate(norm(x), sh, sc)) and its tangent (product rule on the gate)."""
+    n, dn = _layer_norm(norm, x, dx)
+    n, dn = _modulate(n, dn, sh, dsh, sc, dsc)
+    o, do = branch(n, dn)
+    x_new = x + g.unsqueeze(1) * o
+    with torch.no_grad():
+        dx = dx + dg.unsqueeze(1) * o + g.unsqueeze(1) * do
+    return x_new, dx
+
+
 def _block(blk, x, dx, c, dc):
     a, da = _silu(c, dc)
     mod, dmod = _linear(blk.adaLN_modulation[1], a, da)
     sh_a, sc_a, g_a, sh_m, sc_m, g_m = mod.chunk(6, dim=1)
     dsh_a, dsc_a, dg_a, dsh_m, dsc_m, dg_m = dmod.chunk(6, dim=1)
-    n, dn = _layer_norm(blk.norm1, x, dx)
-    n, dn = _modulate(n, dn, sh_a, dsh_a, sc_a, dsc_a)
-    o, do = _attention(blk.attn, n, dn)
-    x_new = x + g_a.unsqueeze(1) * o
-    with torch.no_grad():
-        dx = dx + dg_a.unsqueeze(1) * o + g_a.unsqueeze(1) * do
-    x = x_new
-    n, dn = _layer_norm(blk.norm2, x, dx)
-    n, dn = _modulate(n, dn, sh_m, dsh_m, sc_m, dsc_m)
-    o, do = _mlp(blk.mlp, n, dn)
-    x_new = x + g_m.unsqueeze(1) * o
-    with torch.no_grad():
-        dx = dx + dg_m.unsqueeze(1) * o + g_m.unsqueeze(1) * do
-    return x_new, dx
+    x, dx = _gated_branch(blk.norm1, lambda n, dn: _attention(blk.attn, n, dn), x, dx, sh_a, dsh_a, sc_a, dsc_a, g_a, dg_a)
+    return _gated_branch(blk.norm2, lambda n, dn: _mlp(blk.mlp, n, dn), x, dx, sh_m, dsh_m, sc_m, dsc_m, g_m, dg_m)
 
 
 def dit_jvp(net, x, t, s, y, dx, dt, ds):

@@ -1,8 +1,8 @@
 """DiT with two time inputs: net(x, t, s, y), adaLN-Zero conditioning on emb(t) + emb(t - s) + emb(y).
 
 Written for fewstep from the DiT paper (Peebles & Xie, 2023) and the SoFlow /
-MeanFlow descriptions (spec section 1.7): raw t in [0, 1] goes into the
-sinusoid (no x1000), the second embedder sees the gap t - s, the label table
+MeanFlow DiTs (SoFlow dit.py:244-249, MeanFlow models/models_dit.py:208-219): raw t in [0, 1]
+goes into the sinusoid (no x1000), the second embedder sees the gap t - s, the label table
 has a null row (index num_classes) and label dropout happens in the objective,
 never here. timm supplies Attention, Mlp and PatchEmbed.
 """

@@ -1,6 +1,6 @@
 """ECT: easy consistency training / tuning (objective `ect`, sampler `ect`).
 
-Defaults are the official CIFAR-10 script of locuslab/ect (run_ecm.sh; spec section 3) at
+Defaults are the official CIFAR-10 script of locuslab/ect (run_ecm.sh; docs/objectives/ect.md) at
 batch 128: P_mean -1.1, P_std 2.0, q 2, k 8, b 1, c 0, the gap halving every 25k steps
 (250 ticks of 12.8 kimg), sigma_data 0.5, sigma_max 80, 2-step mid sigma 0.821. The
 official optimiser (RAdam 1e-4, betas 0.9/0.999), EMA 0.9999 and dropout 0.2 belong in

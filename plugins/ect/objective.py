@@ -1,6 +1,6 @@
 """ECT: Easy Consistency Tuning (Geng et al., "Consistency Models Made Easy", 2024), after locuslab/ect.
 
-One step (spec section 3.3), EDM VE convention, sigma written t as in the paper:
+One step (locuslab/ect training/loss.py:52-92; docs/objectives/ect.md), EDM VE convention, sigma written t:
     ln t ~ N(P_mean, P_std);  r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t))) clamped at 0
     e ~ N(0, I) shared:  x_t = x0 + t e,  x_r = x0 + r e
     student  D_t = D(x_t, t)                      (with gradient)
@@ -37,8 +37,7 @@ def ect_stage(step: int, double_every: int) -> int:
     return step // double_every
 
 
-def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0,
-          mapping: str = "sigmoid") -> torch.Tensor:
+def ect_r(t: torch.Tensor, stage: int, q: float, k: float, b: float, mapping: str) -> torch.Tensor:
     """ECT's mapping from t to r, clamped at 0 (locuslab/ect training/loss.py, t_to_r_sigmoid / t_to_r_const):
     sigmoid: r = t (1 - q^-(stage+1) (1 + k sigmoid(-b t)));  const: r = t (1 - q^-(stage+1))."""
     if mapping not in ("sigmoid", "const"):
@@ -48,7 +47,7 @@ def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float 
     return (t * ratio).clamp_min(0)
 
 
-def ict_num_points(step: int, total_steps: int, s0: int = 10, s1: int = 1280) -> int:
+def ict_num_points(step: int, total_steps: int, s0: int, s1: int) -> int:
     """iCT's N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1))."""
     k_prime = max(1, math.floor(total_steps / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** (step // k_prime), s1) + 1

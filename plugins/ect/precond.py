@@ -57,9 +57,9 @@ def fm_to_ve(x_fm: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 class EDMPrecond:
     """The ECM preconditioning around a fewstep backbone ``net(x, t, s, y)``."""
 
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_data: float  # the values come from the objective's declared options (plugins/ect/__init__.py)
+    sigma_min: float
+    sigma_max: float
 
     def coefficients(self, sigma: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c_skip, c_out, c_in), each shaped like sigma (B,)."""

@@ -259,15 +259,37 @@ class FID(FidelityEvaluator):
     metric, keys = "fid", ("fid",)
     streams = True
 
+    def __init__(self, ctx: BuildContext, *, feature_extractor: str, inception_weights: str, batch: int, device: str,
+                 download: bool, cache: bool):
+        super().__init__(ctx, feature_extractor=feature_extractor, inception_weights=inception_weights, batch=batch,
+                         device=device, download=download, cache=cache)
+
 
 class KID(FidelityEvaluator):
     metric, keys = "kid", ("kid_mean", "kid_std")
     streams = True
 
+    def __init__(self, ctx: BuildContext, *, feature_extractor: str, inception_weights: str, batch: int, device: str,
+                 download: bool, cache: bool, kid_subsets: int, kid_subset_size: int):
+        super().__init__(ctx, feature_extractor=feature_extractor, inception_weights=inception_weights, batch=batch,
+                         device=device, download=download, cache=cache, kid_subsets=kid_subsets,
+                         kid_subset_size=kid_subset_size)
+
 
 class ISC(FidelityEvaluator):
     metric, keys = "isc", ("isc_mean", "isc_std")
 
+    def __init__(self, ctx: BuildContext, *, feature_extractor: str, inception_weights: str, batch: int, device: str,
+                 download: bool, cache: bool, isc_splits: int):
+        super().__init__(ctx, feature_extractor=feature_extractor, inception_weights=inception_weights, batch=batch,
+                         device=device, download=download, cache=cache, isc_splits=isc_splits)
+
 
 class PRC(FidelityEvaluator):
     metric, keys = "prc", ("precision", "recall", "f_score")
+
+    def __init__(self, ctx: BuildContext, *, feature_extractor: str, inception_weights: str, vgg16_weights: str, batch: int,
+                 device: str, download: bool, cache: bool, prc_neighborhood: int):
+        super().__init__(ctx, feature_extractor=feature_extractor, inception_weights=inception_weights,
+                         vgg16_weights=vgg16_weights, batch=batch, device=device, download=download, cache=cache,
+                         prc_neighborhood=prc_neighborhood)

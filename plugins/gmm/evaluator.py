@@ -19,14 +19,10 @@ from fewstep.api import BuildContext, Evaluator
 
 from .exact import energy_distance, sliced_w2
 
-DEFAULT_TIMES = (1.0, 0.75, 0.5, 0.25)
-
-
 class GMMExact(Evaluator):
     inputs = "samples"
 
-    def __init__(self, ctx: BuildContext, times: list[float] = DEFAULT_TIMES, num_points: int = 2000,
-                 ode_steps: int = 256, seed: int = 0):
+    def __init__(self, ctx: BuildContext, *, times: list[float], num_points: int, ode_steps: int, seed: int):
         super().__init__(ctx)
         self.times = sorted(set(float(t) for t in times) | {1.0, 0.0}, reverse=True)
         self.num_points, self.ode_steps, self.seed = num_points, ode_steps, seed

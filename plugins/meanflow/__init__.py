@@ -1,15 +1,15 @@
 """MeanFlow: average-velocity objective with a JVP target, and its sampler.
 
-Defaults are the official ImageNet values (Gsunshine/meanflow configs/default.py; spec 2.2, 2.3, 2.5):
+Defaults are the official ImageNet values (Gsunshine/meanflow configs/default.py:51-71; docs/objectives/meanflow.md):
 P_mean -0.4, P_std 1.0, data_proportion 0.75 (first rows by index), p 1.0, eps 0.01,
 omega 1.0, kappa 0.5, CFG interval [0, 1], class dropout 0.1 (first rows by index).
-CIFAR-10 (py-meanflow, spec 2.6): fm_share 0.25 with fm_rows 'random', p 0.75, eps 0.001, no CFG
+CIFAR-10 (py-meanflow meanflow/train_arg_parser.py): fm_share 0.25 with fm_rows 'random', p 0.75, eps 0.001, no CFG
 (unconditional), and time sampler v0 = sorted (-2, 2) / (-2, 2) or v1 = min (-0.6, 1.6) / (-4, 1.6).
 """
 from fewstep.api import Option, hookimpl
 
 OPTIONS = [
-    # (t, r) sampling (spec 2.2; official sample_tr / py-meanflow time_sampler)
+    # (t, r) sampling (official meanflow.py:147-157 sample_tr / py-meanflow time_sampler.py)
     Option("time_sampler", str, "sorted",
            "sorted: t, r drawn independently, then t = max, r = min (official sample_tr; py-meanflow v0); "
            "min: r = min(t, r) without swapping (py-meanflow v1)", choices=("sorted", "min")),
@@ -21,11 +21,11 @@ OPTIONS = [
            ge=0, le=1),
     Option("fm_rows", str, "first", "which rows get r = t: the first int(fm_share B) by index (official JAX) or a "
            "Bernoulli(fm_share) mask (py-meanflow, PyTorch ports)", choices=("first", "random")),
-    # adaptive weighting (spec 2.3)
+    # adaptive weighting (meanflow.py:238-246)
     Option("p", float, 1.0, "adaptive weight power: loss_i = err_i / sg((err_i + eps)^p), err summed over elements "
            "(official 1.0; py-meanflow --norm_p 0.75 on CIFAR)", ge=0),
     Option("eps", float, 0.01, "adaptive weight floor (official 0.01; py-meanflow CIFAR 0.001)", gt=0),
-    # training-time CFG (spec 2.5); effective scale omega' = omega / (1 - kappa)
+    # training-time CFG (meanflow.py:171-200); effective scale omega' = omega / (1 - kappa)
     Option("omega", float, 1.0, "CFG: v_g = omega v + (1 - omega - kappa) v_u + kappa v_c (omega; 1 with kappa 0: off)",
            ge=0),
     Option("kappa", float, 0.5, "CFG mixing kappa (effective scale omega / (1 - kappa); L/2, XL/2: 0.92)", ge=0, lt=1),
@@ -36,7 +36,7 @@ OPTIONS = [
            "(official cond_drop, 0.1)", ge=0, lt=1),
     Option("drop_rows", str, "first", "which rows are dropped: num_drop = #(rand < class_drop) first rows by index "
            "(official JAX) or a random mask (zhuyu-cs port)", choices=("first", "random")),
-    # JVP (spec 2.4)
+    # JVP (meanflow.py:224-236; docs/objectives/meanflow.md, 'The JVP and the attention path')
     Option("jvp_mode", str, "lean", "lean: no-grad JVP on the r != t rows + an ordinary forward for u (memory near a "
            "plain step, DDP syncs as usual); single: one torch.func.jvp returning (u, du/dt) with gradient through u "
            "(py-meanflow; grads all-reduced by hand)", choices=("lean", "single")),

@@ -1,4 +1,4 @@
-"""The JVP behind MeanFlow's target (spec 2.3, 2.4): u and du/dt = d/dt u(z_t, t, r) along (v_g, 1, 0).
+"""The JVP behind MeanFlow's target (official meanflow.py:224-236): u and du/dt = d/dt u(z_t, t, r) along (v_g, 1, 0).
 
 Two modes (option `jvp_mode`):
   single: one torch.func.jvp call returns (u, du/dt); u keeps its graph (py-meanflow's recipe).

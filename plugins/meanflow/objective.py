@@ -1,9 +1,10 @@
-"""MeanFlow (Geng et al. 2025, official JAX code Gsunshine/meanflow) in fewstep's convention (spec 2).
+"""MeanFlow (Geng et al. 2025, official JAX code Gsunshine/meanflow) in fewstep's convention
+(docs/objectives/meanflow.md).
 
 The network predicts the average velocity u(z_t, t, r) = 1/(t - r) int_r^t v dtau as net(z, t, s=r, y)
-(the DiT embeds t and the gap h = t - r). With z = (1 - t) x + t e and v = e - x (spec 2.3):
-    v_g       = guided velocity (2.5; v outside the CFG interval and on class-dropped rows)
-    u, du/dt  = JVP of (z, t, r) -> u(z, t, r, y_in) along tangents (v_g, 1, 0)      (2.4, jvp.py)
+(the DiT embeds t and the gap h = t - r). With z = (1 - t) x + t e and v = e - x (meanflow.py:206-256):
+    v_g       = guided velocity (meanflow.py:171-200; v outside the CFG interval and on class-dropped rows)
+    u, du/dt  = JVP of (z, t, r) -> u(z, t, r, y_in) along tangents (v_g, 1, 0)      (jvp.py)
     u_tgt     = sg(v_g - clip(t - r, 0, 1) du/dt)
     err_i     = sum over elements of (u - u_tgt)^2            (SUM, not mean)
     loss      = mean_i err_i / sg((err_i + eps)^p)
@@ -57,7 +58,7 @@ class MeanFlow(Objective):
 
     # -- randomness ---------------------------------------------------------------------------
     def sample_tr(self, b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, r), r <= t (spec 2.2): 'sorted' = official sample_tr / CIFAR v0; 'min' = CIFAR v1."""
+        """(t, r), r <= t (meanflow.py:147-157): 'sorted' = official sample_tr / CIFAR v0; 'min' = CIFAR v1."""
         t = logit_normal(b, self.t_mean, self.t_std, device)
         r = logit_normal(b, self.r_mean, self.r_std, device)
         if self.time_sampler == "sorted":
@@ -66,7 +67,7 @@ class MeanFlow(Objective):
         return t, torch.minimum(t, r)  # 'min' (v1): r = min(t, r) after the mask; a no-op for 'sorted'
 
     def drop_mask(self, b: int, device) -> torch.Tensor:
-        """Class-dropped rows (spec 2.5): official num_drop = #(rand < p), then the FIRST num_drop rows."""
+        """Class-dropped rows (meanflow.py:191-200): official num_drop = #(rand < p), then the FIRST num_drop rows."""
         if self.drop_rows == "random":
             return torch.rand(b, device=device) < self.class_drop
         num_drop = int((torch.rand(b, device=device) < self.class_drop).sum())
@@ -74,7 +75,8 @@ class MeanFlow(Objective):
 
     # -- the deterministic pieces --------------------------------------------------------------
     def guided_velocity(self, net, z, v, t, y, drop=None) -> torch.Tensor:
-        """v_g = omega v + (1 - omega - kappa) v_u + kappa v_c for t in [cfg_t_min, cfg_t_max], else v (spec 2.5).
+        """v_g = omega v + (1 - omega - kappa) v_u + kappa v_c for t in [cfg_t_min, cfg_t_max], else v
+        (meanflow.py:171-189).
 
         v_c = u(z, t, t, y), v_u = u(z, t, t, NULL): no gradient, eval mode (official train=False); computed only
         on the rows that use them (dropped rows keep v_g = v).
@@ -117,7 +119,8 @@ class MeanFlow(Objective):
         return v.index_copy(0, rows, g), pending
 
     def weighted_loss(self, u: torch.Tensor, u_tgt: torch.Tensor) -> LossOutput:
-        """Adaptive weighting (spec 2.3): err summed over elements, w = 1 / sg(err + eps)^p, mean over rows."""
+        """Adaptive weighting (meanflow.py:238-246): err summed over elements, w = 1 / sg(err + eps)^p,
+        mean over rows."""
         delta = u - u_tgt.detach()
         delta = delta.to(torch.promote_types(delta.dtype, torch.float32))  # bf16 autocast: weigh in float32
         err = delta.pow(2).flatten(1).sum(1)  # (B,)

@@ -1,4 +1,4 @@
-"""MeanFlow sampling (spec 2.7): flow-map composition, no re-noising, no CFG at sampling (it is baked in).
+"""MeanFlow sampling (meanflow.py:102-124): flow-map composition, no re-noising, no CFG at sampling (it is baked in).
 
 Times 1 -> 1 - 1/N -> ... -> 0 (uniform); each step z_r = z_t - (t - r) u(z_t, t, r), one NFE.
 1 NFE: x = e - u(e, 1, 0), i.e. net(e, t=1, s=0, y). 2 NFE: 1 -> 0.5 -> 0 (the schedule the ports use).

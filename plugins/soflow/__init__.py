@@ -1,18 +1,18 @@
 """SoFlow: Solution Flow Models (objective `soflow`, sampler `soflow`).
 
-Defaults are the official ImageNet B/4 config (zlab-princeton/SoFlow imagenet.yaml;
-spec sections 1.2, 1.3, 1.6, 1.9). The CIFAR-10 config differs in: fm_ratio 0.0,
+Defaults are the official ImageNet B/4 config (zlab-princeton/SoFlow imagenet.yaml:9-22;
+docs/objectives/soflow.md). The CIFAR-10 config differs in: fm_ratio 0.0,
 fm_t (-0.9, 1.6), s (-4.0, 1.6), t (-0.9, 1.6), p 0.75, eps 0.001, r_init 1.0,
 r_end 0.0003125, total_steps 800000, no CFG (cfg_scale 1, cfg_drop 0, mix_ratio 1).
 """
 from fewstep.api import Option, hookimpl
 
 OPTIONS = [
-    # parameterisation (spec 1.1)
+    # parameterisation (models.py:9-70)
     Option("parameterization", str, "euler",
            "euler: f = x_t + (s - t) F on the linear path (all released configs); trig: f = cos(pi/2 (s-t)) x_t + "
            "sin(pi/2 (s-t)) F on the path cos(pi t/2) x0 + sin(pi t/2) e", choices=("euler", "trig")),
-    # batch split and time sampling (spec 1.2)
+    # batch split and time sampling (train.py:224-266)
     Option("fm_ratio", float, 0.75, "share of the batch (first rows by index) on the flow-matching loss "
            "(velocity_loss_ratio; CIFAR config: 0.0)", ge=0, le=1),
     Option("fm_t_mean", float, -0.2, "FM rows: t ~ sigmoid(N(mean, std)) (mean0)"),
@@ -27,10 +27,10 @@ OPTIONS = [
     Option("r_end", float, 0.002, "r at total_steps", gt=0, le=1),
     Option("total_steps", int, 400_000, "K of the r schedule (the official value, independent of train.steps; "
            "0: use train.steps)", ge=0),
-    # adaptive weighting (spec 1.3, 1.4)
+    # adaptive weighting (models.py:152, models.py:199)
     Option("p", float, 1.0, "adaptive weight power: w = 1 / (mean-over-elements MSE + eps)^p (CIFAR 0.75)", ge=0),
     Option("eps", float, 0.01, "adaptive weight floor (CIFAR 0.001)", gt=0),
-    # training-time CFG (spec 1.6)
+    # training-time CFG (models.py:130-140, models.py:170-182, models.py:209-215)
     Option("cfg_scale", float, 3.0, "guidance scale w baked into the model (1: off; CIFAR 1)", ge=1),
     Option("cfg_drop", float, 0.1, "label-drop probability: dropped rows train on (null class, raw v)", ge=0, lt=1),
     Option("mix_ratio", float, 0.25, "m in v_tgt = m v_g + (1 - m) v_c (CIFAR 1)", ge=0, le=1),

@@ -1,6 +1,6 @@
 """The SoFlow objective (Solution Flow Models, ICLR 2026), faithful to zlab-princeton/SoFlow.
 
-One step (spec 1.4 pseudo-code), B rows split by index:
+One step (models.py:122-207, train.py:224-281; docs/objectives/soflow.md), B rows split by index:
   rows[:nF]  flow matching at s = t:  L_FM  = mean_i sg(w_i) m_i,  m_i = mean_D (v_hat - v_tgt)^2,
                                       w_i = 1 / (|db/ds| (m_i + eps)^p)
   rows[nF:]  solution consistency:    student F_t = F(x_t, t, s) (grad), f_t = f(x_t, t, s)
@@ -10,7 +10,7 @@ One step (spec 1.4 pseudo-code), B rows split by index:
                                       L_cons = mean_i sign(b) mean_D (F_t * sg(w_i q))   (surrogate)
   loss = (nF L_FM + nC L_cons) / B
 The surrogate's gradient equals that of sg(w) mean_D ||f_t - sg(f_l)||^2 / (2 |b| (t - l)).
-Training-time CFG (spec 1.6): v_g = v + g(t) (w - 1) (v - v_u), v_tgt = m v_g + (1 - m) v_c,
+Training-time CFG (models.py:130-140, 170-182): v_g = v + g(t) (w - 1) (v - v_u), v_tgt = m v_g + (1 - m) v_c,
 dropped rows train on (null class, v). Velocities v_u, v_c come from the model at s = t, no grad.
 
 Efficiency (same maths as the official code): the student rows of both branches share one forward
@@ -77,7 +77,7 @@ class SoFlow(Objective):
     def r(self, step: int) -> float:
         return r_schedule(self.l_schedule, step, self.total_steps, self.r_init, self.r_end)
 
-    # -- CFG target (spec 1.6) -----------------------------------------------------------------
+    # -- CFG target (models.py:135-140, 172-182) -----------------------------------------------------------------
     def guided_target(self, v, v_u, v_c, t, dropped):
         """v_tgt = m [v + g(t) (w - 1) (v - v_u)] + (1 - m) v_c for kept rows; v for dropped rows."""
         g = expand_like(cfg_decay(t, self.decay_time, self.decay_k), v)
@@ -141,7 +141,7 @@ class SoFlow(Objective):
         metrics: dict[str, torch.Tensor | float] = {}
         total = x0.new_zeros(())
 
-        # ---- flow-matching rows (spec 1.3) ----
+        # ---- flow-matching rows (models.py:122-158) ----
         if nF > 0:
             v_hat = self.sch.velocity(F[:nF])
             if guided:
@@ -153,7 +153,7 @@ class SoFlow(Objective):
             total = total + nF * (w_i * m_i).mean()
             metrics["fm_mse"] = m_i.detach().mean()
 
-        # ---- solution-consistency rows (spec 1.4) ----
+        # ---- solution-consistency rows (models.py:161-207) ----
         if nC > 0:
             xt, tt, ss, ll = x_t[nF:], t[nF:], s[nF:], l_c
             F_t = F[nF:]

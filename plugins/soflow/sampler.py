@@ -1,4 +1,4 @@
-"""SoFlow sampling (spec 1.10): no CFG at sampling, guidance is baked into the model.
+"""SoFlow sampling (inference.py:61-88): no CFG at sampling, guidance is baked into the model.
 
 Times eval_time = [1, 1 - 1/N, ..., 0].
 1 NFE:  x0 = f(e, 1, 0) (= e - F(e, 1, 0) for euler).

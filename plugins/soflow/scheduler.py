@@ -20,7 +20,7 @@ HALF_PI = math.pi / 2
 
 
 class Scheduler:
-    def __init__(self, kind: str = "euler"):
+    def __init__(self, kind: str):
         if kind not in ("euler", "trig"):
             raise ValueError(f"parameterization must be 'euler' or 'trig', got {kind!r}")
         self.kind = kind
@@ -76,9 +76,9 @@ def r_schedule(kind: str, k: int, K: int, r_init: float, r_end: float) -> float:
     raise ValueError(f"unknown l schedule {kind!r}")
 
 
-def sample_tsl(n: int, r: float, t_mean: float, t_std: float, s_mean: float, s_std: float, gap: float = 1e-4,
+def sample_tsl(n: int, r: float, t_mean: float, t_std: float, s_mean: float, s_std: float, gap: float,
                device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The consistency triple exactly as coded (spec 1.2): no sorting.
+    """The consistency triple exactly as coded (train.py:259-266): no sorting.
 
     t = max(time2, gap); s = min(time1, t - gap); l = min(t + (s - t) r, t - gap).
     When time1 > time2, s collapses to t - gap and l = s (the "degenerate" rows, ~14.5% on ImageNet).
@@ -91,7 +91,7 @@ def sample_tsl(n: int, r: float, t_mean: float, t_std: float, s_mean: float, s_s
     return t, s, l
 
 
-def cfg_decay(t: torch.Tensor, decay_time: float = 0.8, k: float = 0.025) -> torch.Tensor:
+def cfg_decay(t: torch.Tensor, decay_time: float, k: float) -> torch.Tensor:
     """g(t): 1 for t <= decay_time, then 1 - exp(-k d / (1 - d)) with d = clamp((1 - t)/(1 - decay_time), 0, 1 - 1e-6)."""
     d = torch.clamp((1 - t) / (1 - decay_time), 0.0, 1 - 1e-6)
     g = 1 - torch.exp(-k * d / (1 - d))
