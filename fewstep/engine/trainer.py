@@ -289,12 +289,12 @@ class Trainer:
     def run(self, until_step: int | None = None) -> TrainResult:
         """Train to `train.steps` (or stop early at `until_step`, which still checkpoints)."""
         info = self.info
+        info.local_batch(self.recipe.train["batch"], self.recipe.train["accum"])  # a named error before any work
         if info.is_main and self.run_dir.is_dir():  # an existing folder is locked before anything is read from it
             self._lock = RunLock.acquire(self.run_dir)
             self._recover()
         info.barrier()
         try:
-            info.local_batch(self.recipe.train["batch"], self.recipe.train["accum"])  # named error before any work
             resume_from = self._inspect_folder()
         except BaseException:
             self._release()
