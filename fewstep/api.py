@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .hookspecs import hookimpl
 from .interfaces import (Batch, BuildContext, DataError, DataSource, DataSpec, Evaluator, ImageStream, Logger, LossOutput,
                          Objective, Sampler)
@@ -50,6 +50,8 @@ _LAZY = {
     "save_grid": "fewstep.images",
     # a run's weights (fewstep.engine.checkpoint): warm starts, teachers
     "load_run_ema": "fewstep.engine.checkpoint",
+    # a run folder from weights made elsewhere (importers of official checkpoints)
+    "write_run": "fewstep.runs",
     # testing a plugin end to end (fewstep.engine.trainer)
     "Trainer": "fewstep.engine.trainer",
 }
@@ -70,6 +72,7 @@ __all__ = [
     "DataSource",
     "DataError",
     "UserError",
+    "CheckpointError",
     "Evaluator",
     "ImageStream",
     "Logger",
@@ -89,6 +92,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come through 
     from .data import TensorSource, epoch_permutation, index_stream
     from .engine.checkpoint import load_run_ema
     from .engine.trainer import Trainer
+    from .runs import write_run
     from .images import save_grid, to_uint8
     from .path import expand_like, interpolate, logit_normal, velocity
     from .rng import capture_rng, has_active_dropout, restore_rng

@@ -40,7 +40,10 @@ _KIND_OF_TABLE = {"data": "dataset", "backbone": "backbone", "objective": "objec
 
 TRAIN_OPTIONS = OptionSet([
     Option("steps", int, 1000, "optimizer steps", ge=1),
-    Option("batch", int, 128, "global batch size (split over ranks)", ge=1),
+    Option("batch", int, 128, "global batch size: split over the ranks, and on each rank over train.accum micro-batches "
+           "(must be divisible by ranks x accum)", ge=1),
+    Option("accum", int, 1, "gradient accumulation: micro-batches per optimizer step on each rank (fewer GPUs, same "
+           "global batch: 8 GPUs x accum 1 = 4 GPUs x accum 2)", ge=1),
     Option("lr", float, 1e-4, "learning rate", gt=0),
     Option("optimizer", str, "adamw", "optimizer", choices=("adamw", "adam", "radam")),
     Option("betas", float, [0.9, 0.999], "Adam betas (beta1, beta2)", is_list=True, ge=0, lt=1),
@@ -285,6 +288,10 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
             resolved[table] = optset.resolve(dict(data.get(table, {})))
         except OptionError as exc:
             raise RecipeError(where(table, exc.key), f"{table}.{exc.key}", exc.message, exc.suggestion) from None
+    if resolved["train"]["batch"] % resolved["train"]["accum"]:
+        b, a = resolved["train"]["batch"], resolved["train"]["accum"]
+        raise RecipeError(where("train", "accum"), "train.accum", f"train.batch = {b} cannot be cut into {a} equal "
+                          f"micro-batches; choose a batch divisible by {a} (and by the number of GPUs times {a})")
     if len(resolved["train"]["betas"]) != 2:
         raise RecipeError(where("train", "betas"), "train.betas", f"needs exactly two values, got {resolved['train']['betas']}")
     loggers: dict[str, dict[str, Any]] = {}

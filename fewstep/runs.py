@@ -55,3 +55,40 @@ def load_model(run_dir: str | Path, ema_index: int = 0, device: str = "auto", re
     ckpt.load_into(comps.net, state, latest / ("model.safetensors" if ema_index < 0 else "ema.safetensors"))
     comps.net.eval()
     return LoadedRun(recipe, comps.net, comps.objective, comps.sampler, comps.data, dev, latest, ema_index)
+
+
+def write_run(recipe: Recipe, run_dir: str | Path, model: dict[str, torch.Tensor],
+              ema: list[dict[str, torch.Tensor]] | None = None, *, step: int = 0, source: str = "",
+              registry: Any = None) -> Path:
+    """A run folder from weights made elsewhere (an imported official checkpoint): recipe.toml and one checkpoint.
+
+    `model` becomes the raw weights, `ema[i]` EMA copy i of `recipe.train["ema"]` (a recipe with more copies than
+    given repeats the last; none given: the raw weights). Every state dict must fit the recipe's backbone exactly:
+    missing, unexpected and wrongly shaped keys are one CheckpointError naming them (`source` is the file they came
+    from). The optimizer state is fresh (a `--resume` continues with new moments). Refuses a folder that holds a run.
+    Returns the checkpoint folder; `fewstep sample RUN` and `fewstep eval RUN` read the run like a trained one.
+    """
+    from .engine.ema import EMA
+    from .engine.trainer import make_optimizer
+
+    run_dir = Path(run_dir)
+    if (run_dir / "recipe.toml").exists() or ckpt.latest_checkpoint(run_dir / "checkpoints") is not None:
+        raise RunFolderError(f"--out {run_dir} already holds a run; choose another folder")
+    comps = build_components(recipe, device=torch.device("cpu"), registry=registry)
+    net = comps.net
+    where = Path(source or "the imported weights")
+    ckpt.load_into(net, model, where)
+    copies = EMA(net, recipe.train["ema"], recipe.train["ema_every"])
+    given = list(ema or [model])
+    for i, shadow in enumerate(copies.shadows):
+        state = given[min(i, len(given) - 1)]
+        ckpt.load_into(net, state, Path(f"{where} (EMA copy {i})"))  # names what does not fit
+        for k in shadow:
+            shadow[k].copy_(state[k].float())
+    ckpt.load_into(net, model, where)  # the raw weights stay in the module that is saved
+    opt = make_optimizer([p for p in net.parameters() if p.requires_grad], recipe.train, torch.device("cpu"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.toml").write_text(recipe.to_toml())
+    return ckpt.save_checkpoint(run_dir / "checkpoints", step, net, copies, opt,
+                                {"skipped_steps": 0, "recipe": recipe.name, "imported_from": str(source)},
+                                keep=recipe.train["keep_checkpoints"])

@@ -148,6 +148,45 @@ def _no_checkpoint(tmp: Path) -> list[str]:
     return ["train", str(recipe(tmp)), "--out", str(tmp / RUN), "--resume"]
 
 
+
+PAPER = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _latents_of_other_resolution(tmp: Path) -> list[str]:
+    from fakes import fake_latents
+
+    root = fake_latents(tmp / "latents128", n=4, shape=(4, 16, 16), resolution=128)
+    return ["check", str(PAPER / "soflow_xl2.toml"), "--set", f"data.root={root}"]
+
+
+def _latents_of_another_vae(tmp: Path) -> list[str]:
+    from fakes import fake_latents
+    from test_latents import save_vae
+
+    vae = save_vae(tmp / "other-vae", 1)  # weights whose fingerprint is not the cache's
+    root = fake_latents(tmp / "latents", n=4, vae="stabilityai/sd-vae-ft-mse")
+    return ["check", str(PAPER / "soflow_xl2.toml"), "--set", f"data.root={root}", "--set", f"data.vae={vae}"]
+
+
+def _import_args(tmp: Path, edit) -> list[str]:
+    import torch
+
+    from fewstep.build import build_components
+    from fewstep.recipe import load_recipe
+    from fewstep.registry import get_registry
+    from fewstep_plugins.official import layouts as L
+
+    if "import" not in {g.name for g in app.registered_groups}:
+        get_registry().add_commands(app)  # `fewstep import` is a plugin command, added as the real CLI adds it
+        from fewstep.cli import guard_commands
+
+        guard_commands(app)
+    r = recipe(tmp)
+    sd = L.fewstep_to_soflow(build_components(load_recipe(r)).net.state_dict(), image_size=8)
+    edit(sd, torch)
+    torch.save({"model": sd, "ema_model": sd}, tmp / "official.pt")
+    return ["import", "soflow", str(tmp / "official.pt"), "--recipe", str(r), "--out", str(tmp / RUN)]
+
 CASES = [
     # -- the recipe file ------------------------------------------------------------------------------------
     Case("recipe-binary", lambda t: (t.joinpath("b.toml").write_bytes(b"\x89PNG\x00\xff\xfe"), ["check", str(t / "b.toml")])[1],
@@ -258,6 +297,19 @@ CASES = [
     Case("sample-seed-huge", lambda t: (trained(t), ["sample", str(t / RUN), "--seed", str(2**64)])[1], 2, ("--seed",)),
     Case("eval-not-a-run", lambda t: (t.joinpath("empty").mkdir(), ["eval", str(t / "empty")])[1], 2, ("empty", "not a run folder")),
     Case("eval-bad-nfe", lambda t: (trained(t), ["eval", str(t / RUN), "--nfe", "one"])[1], 2, ("--nfe",)),
+    # -- paper recipes, scaling, official checkpoints -----------------------------------------------------------
+    Case("batch-not-divisible-by-accum", base_with("accum = 3\n"), 2, ("train.accum", "train.batch = 8", "3")),
+    Case("latents-other-resolution", _latents_of_other_resolution, 2, ("latents128", "holds 128px latents",
+                                                                      "data.resolution = 256")),
+    Case("latents-other-vae", _latents_of_another_vae, 2, ("other-vae", "has other weights", "data.vae")),
+    Case("import-missing-key", lambda t: _import_args(t, lambda sd, torch: sd.pop("network.final_layer.linear.bias")),
+         2, ("official.pt", "missing", "final_layer.linear.bias")),
+    Case("import-extra-key", lambda t: _import_args(t, lambda sd, torch: sd.update({"network.extra.weight": torch.zeros(2)})),
+         2, ("official.pt", "unexpected", "extra.weight")),
+    Case("import-not-soflow", lambda t: _import_args(t, lambda sd, torch: [sd.update({k[len("network."):]: sd.pop(k)})
+                                                                           for k in list(sd)]),
+         2, ("official.pt", "'network.'")),
+
 ]
 
 

@@ -35,10 +35,13 @@ class DistInfo:
         """Per-rank seed (DiT's convention): seed * world + rank."""
         return seed * self.world + self.rank
 
-    def local_batch(self, global_batch: int) -> int:
-        if global_batch % self.world:
-            raise UserError(f"train.batch = {global_batch} (the global batch) is not divisible by the "
-                            f"{self.world} processes; choose a multiple of {self.world}")
+    def local_batch(self, global_batch: int, accum: int = 1) -> int:
+        """Rows this rank loads per optimizer step: global batch / world (then split into `accum` micro-batches)."""
+        if global_batch % (self.world * accum):
+            n = self.world * accum
+            raise UserError(f"train.batch = {global_batch} (the global batch) is not divisible by {self.world} "
+                            f"process{'es' if self.world > 1 else ''} x train.accum = {accum} (= {n}); choose a "
+                            f"multiple of {n}, e.g. {max(n, global_batch // n * n)}, or change train.accum")
         return global_batch // self.world
 
     def barrier(self) -> None:

@@ -39,7 +39,7 @@ from .lock import RunLock
 
 # keys that may change between a run and its resumption
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "max_seconds"), ("train", "log_every"),
-                      ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device"),
+                      ("train", "checkpoint_every"), ("train", "keep_checkpoints"), ("train", "device"), ("train", "accum"),
                       ("train", "loggers")}
 PREVIOUS = ".previous-run"  # where --force keeps the old run until the new one has written its first file
 MOVED = ".moved"  # marker in PREVIOUS: the whole old run is in there
@@ -289,6 +289,7 @@ class Trainer:
     def run(self, until_step: int | None = None) -> TrainResult:
         """Train to `train.steps` (or stop early at `until_step`, which still checkpoints)."""
         info = self.info
+        info.local_batch(self.recipe.train["batch"], self.recipe.train["accum"])  # a named error before any work
         if info.is_main and self.run_dir.is_dir():  # an existing folder is locked before anything is read from it
             self._lock = RunLock.acquire(self.run_dir)
             self._recover()
@@ -369,7 +370,7 @@ class Trainer:
 
         total = tr["steps"]
         stop_at = min(total, until_step) if until_step is not None else total
-        local_batch = info.local_batch(tr["batch"])
+        local_batch = info.local_batch(tr["batch"], tr["accum"])
         batches = data.batches(local_batch, seed=tr["seed"], start_step=step, rank=info.rank, world=info.world)
         autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if tr["precision"] == "bf16"
                     else contextlib.nullcontext())
@@ -404,10 +405,7 @@ class Trainer:
                     if tr["warmup_steps"] > 0:
                         for g in opt.param_groups:
                             g["lr"] = tr["lr"] * min(1.0, (step + 1) / tr["warmup_steps"])
-                    with autocast:
-                        out = objective.loss(model, batch, step)
-                    loss = out.loss
-                    loss.backward()
+                    loss, metrics = self._backward(model, objective, batch, step, autocast, manual_sync)
                     if manual_sync:
                         all_reduce_grads(params, info)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -433,7 +431,7 @@ class Trainer:
                         steps_done_here += 1
                         ema.update(net, step)
                         window_n += 1
-                        for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **out.metrics}.items():
+                        for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}.items():
                             val = v.detach().float() if torch.is_tensor(v) else float(v)  # no sync until logged
                             window[k] = window.get(k, 0.0) + val
                     if step % tr["log_every"] == 0 or step == stop_at:
@@ -495,6 +493,39 @@ class Trainer:
         return res
 
     # -- helpers ----------------------------------------------------------------------------
+    def _backward(self, model, objective, batch: Batch, step: int, autocast, manual_sync: bool):
+        """Gradients of this rank's rows, summed into .grad: one backward, or `train.accum` micro-batches.
+
+        With accum = a the rank's rows are cut into a consecutive micro-batches of local_batch / a rows and
+        each micro-batch's loss is back-propagated divided by a; DDP all-reduces once, after the last one. The
+        objective draws its per-row randomness and splits its rows (e.g. SoFlow's FM share) per micro-batch, as
+        the official codes do per GPU: accum a on w ranks follows the official run on a * w GPUs (the same rows,
+        other random draws). Given the same per-row draws, the summed gradient is that of the whole batch up to
+        float rounding (tests/test_scaling.py). Returns the mean loss (detached) and the mean of each metric.
+        """
+        accum = self.recipe.train["accum"]
+        if accum == 1:
+            with autocast:
+                out = objective.loss(model, batch, step)
+            out.loss.backward()
+            return out.loss, out.metrics
+        n = batch.x.shape[0] // accum
+        total, sums = None, {}
+        for j in range(accum):
+            rows = slice(j * n, (j + 1) * n)
+            mb = Batch(batch.x[rows], None if batch.y is None else batch.y[rows], {k: v[rows] for k, v in batch.cond.items()})
+            last = j == accum - 1
+            sync = model.no_sync() if (not last and not manual_sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    out = objective.loss(model, mb, step)
+                (out.loss / accum).backward()
+            total = out.loss.detach() if total is None else total + out.loss.detach()
+            for k, v in out.metrics.items():
+                v = v.detach() if torch.is_tensor(v) else float(v)
+                sums[k] = v if k not in sums else sums[k] + v
+        return total / accum, {k: v / accum for k, v in sums.items()}
+
     def _stop_requested(self, stop: StopRequest) -> bool:
         """Whether any rank got a stop signal; ranks agree at every step boundary (a CPU all-reduce over gloo,
         so no GPU synchronisation per step)."""

@@ -37,11 +37,16 @@ class FlowMatching(Objective):
         b = x0.shape[0]
         t = sample_t(b, self.time_dist, self.t_mean, self.t_std, x0.device)  # (B,)
         e = torch.randn_like(x0)
+        y = drop_labels(batch.y, self.label_drop, self.null)
+        return self.loss_given(net, x0, y, e, t, batch.cond)
+
+    def loss_given(self, net, x0, y, e, t, cond=None) -> LossOutput:
+        """The deterministic part: the loss of rows x0 given their noise e, times t and (dropped) labels y."""
         x_t = interpolate(x0, e, t)  # (B, C, H, W)
         v = velocity(x0, e)
-        y = drop_labels(batch.y, self.label_drop, self.null)
-        v_hat = net(x_t, t, t, y, **batch.cond)
-        mse = ((v_hat.float() - v) ** 2).mean()
+        v_hat = net(x_t, t, t, y, **(cond or {}))
+        v_hat = v_hat if v_hat.dtype == torch.float64 else v_hat.float()  # bf16 outputs -> float32; float64 stays
+        mse = ((v_hat - v) ** 2).mean()
         return LossOutput(mse, {"fm_mse": mse.detach()})
 
     def flow_map(self, net, x, t, s, y):
