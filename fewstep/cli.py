@@ -223,5 +223,6 @@ def main() -> None:
 
 
 from . import cli_eval  # noqa: E402,F401  (registers `eval` and `compare` on the app)
+from . import cli_bench  # noqa: E402,F401  (registers `bench` on the app)
 
 guard_commands(app)
