@@ -342,7 +342,7 @@ def train_step_ms(recipe: Recipe, *, steps: int, warmup: int, registry: Any = No
     probe = recipe_from_dict(d, recipe.source, registry)
     with tempfile.TemporaryDirectory(prefix="fewstep-bench-") as tmp:
         run = Path(tmp) / "run"
-        Trainer(probe, run, force=True, console=console, show_progress=False, registry=registry).run()
+        Trainer(probe, run, force=True, console=console, show_progress=False, registry=registry, final_grids=False).run()
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     return 1000.0 / max(float(last["steps_per_s"]), 1e-9)
 
