@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from . import cli_eval, errors
+from . import cli_bench, cli_eval, errors
 from .cli_common import RecipeArg, SetOpt, _fail, _load, console, err, guard_commands, guarded  # noqa: F401
 from .registry import get_registry
 
@@ -226,4 +226,5 @@ def main() -> None:
 
 
 cli_eval.register(app)  # `eval`, `compare`, `stats`
+cli_bench.register(app)  # `bench`
 guard_commands(app)

@@ -181,13 +181,15 @@ def make_optimizer(params, train: dict[str, Any], device: torch.device) -> torch
 
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False,
-                 console: Any = None, show_progress: bool = True, registry: Any = None, dist_info: DistInfo | None = None):
+                 console: Any = None, show_progress: bool = True, registry: Any = None, dist_info: DistInfo | None = None,
+                 final_grids: bool = True):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.force = force
         self.registry = registry
         self.show_progress = show_progress
+        self.final_grids = final_grids  # False: no sample grids at the end (`fewstep bench` times the loop only)
         self.info = dist_info or init_distributed(recipe.train["device"])
         if console is None:
             from rich.console import Console
@@ -481,7 +483,8 @@ class Trainer:
         wall = time.perf_counter() - t_start
         if not (resume_from is not None and step == start_step):  # a resume with nothing left to do writes nothing new
             self._checkpoint(step, net, ema, opt, skipped)
-        grids += self._grids(step, objective, sampler, ema, ema_net, data, loggers)
+        if self.final_grids:
+            grids += self._grids(step, objective, sampler, ema, ema_net, data, loggers)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
         res = TrainResult(self.run_dir, step, wall, 1000 * wall / max(steps_done_here, 1), peak, skipped,
                           num_params, last_metrics, grids, last_metrics_step, headline)

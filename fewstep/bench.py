@@ -1,0 +1,532 @@
+"""`fewstep bench`: what a training step and a sampling pass cost, per objective, on one backbone and batch.
+
+Everything but the objective is fixed by the recipe: data shape, backbone, optimizer, precision, compile.
+For each objective (the recipe's objective table swapped, the others at their registered defaults, as
+`fewstep compare` does) the bare step is
+
+    loss = objective.loss(model, random batch, step); loss.backward(); opt.step(); opt.zero_grad()
+
+timed one step at a time (CUDA events on a GPU, perf_counter after a synchronise on the CPU), the warm-up
+steps excluded, median reported. Beside it:
+
+* model FLOPs of one step, counted by torch.utils.flop_counter.FlopCounterMode on an eager pass (torch.compile
+  switched off while counting, so every matmul, convolution and attention call that the objective really runs
+  is seen: forwards, JVP tangents, backward). Matrix and attention FLOPs only; element-wise work is not counted;
+* achieved TFLOP/s = FLOPs / time, and its share of the matrix rate measured in the same process by a large
+  matmul (bf16 on CUDA, float32 on the CPU);
+* the full `fewstep train` step: the same recipe trained by the real Trainer (real data source, EMA, loggers,
+  the finite check), its ms per step from metrics.jsonl over a window after the same warm-up.
+
+`--sampling` times 1- and 2-NFE generation (noise -> sampler -> data.to_images, so latent recipes include the
+VAE decode) and the FID feature extractor (the `fid` evaluator's end-to-end feature pass).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import UserError
+from .recipe import Recipe, parse_override, recipe_from_dict
+
+
+class BenchError(UserError):
+    """A bench request that cannot run (bad --objectives, a recipe whose data cannot be built, ...)."""
+
+
+@dataclass
+class StepRow:
+    objective: str  # as given: name[:key=value...]
+    ms: float = float("nan")  # median ms per bare step
+    ms_min: float = float("nan")
+    ms_max: float = float("nan")
+    images_per_s: float = float("nan")
+    peak_gib: float = float("nan")  # max allocated over the timed steps (CUDA only)
+    gflop_per_step: float = float("nan")  # model FLOPs of one step (fwd + JVP + bwd), 1e9
+    tflops: float = float("nan")  # achieved, gflop / ms
+    share_of_matmul: float = float("nan")  # tflops / the measured matmul rate
+    x_fm_time: float = float("nan")
+    x_fm_memory: float = float("nan")
+    train_ms: float = float("nan")  # the `fewstep train` step (real data, EMA, logging)
+    train_over_bare: float = float("nan")
+    loss_finite: bool = True
+    error: str = ""
+
+
+@dataclass
+class SamplingRow:
+    what: str  # "objective nfe=N" or "fid features"
+    images_per_s: float = float("nan")
+    ms_per_batch: float = float("nan")
+    batch: int = 0
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    card: str
+    device: str
+    torch: str
+    commit: str
+    command: str
+    recipe: str
+    backbone: str
+    data_shape: list[int]
+    batch: int
+    precision: str
+    compile: bool
+    steps: int
+    warmup: int
+    matmul_tflops: float
+    matmul_dtype: str
+    rows: list[StepRow] = field(default_factory=list)
+    sampling: list[SamplingRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return clean(asdict(self))
+
+
+# -- parsing --------------------------------------------------------------------------------------------------
+def parse_objectives(text: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """'fm,soflow,meanflow:jvp_mode=single' -> [(label, name, overrides), ...]."""
+    out = []
+    for item in [s.strip() for s in text.split(",") if s.strip()]:
+        name, *pairs = item.split(":")
+        opts: dict[str, Any] = {}
+        for pair in pairs:
+            if "=" not in pair:
+                raise BenchError(f"--objectives: {item!r}: write options as name:key=value (got {pair!r})")
+            k, _, v = pair.partition("=")
+            try:
+                opts[k] = parse_override(f"objective.{k}={v}")[2]
+            except Exception as exc:  # noqa: BLE001 - a RecipeError naming the value
+                raise BenchError(f"--objectives: {item!r}: {exc}") from None
+        out.append((item, name, opts))
+    if not out:
+        raise BenchError("--objectives: name at least one objective, e.g. fm,soflow,meanflow,ect")
+    return out
+
+
+def objective_variant(base: Recipe, name: str, overrides: dict[str, Any], *, batch: int | None, compile: bool | None,
+                      registry: Any = None) -> Recipe:
+    """`base` with the objective swapped (its other keys at their defaults, the sampler its default)."""
+    d = copy.deepcopy(base.to_dict())
+    d["name"] = f"{base.name}-bench-{name}"
+    if name != base.objective.name or overrides:
+        keep = base.objective.options if name == base.objective.name else {}
+        d["objective"] = {"name": name, **{k: v for k, v in keep.items() if v is not None}, **overrides}
+        if name != base.objective.name:
+            d.pop("sampler", None)
+    if batch:
+        d["train"]["batch"] = batch
+    if compile is not None:
+        d["train"]["compile"] = compile
+    try:
+        return recipe_from_dict(d, f"{base.source} (objective {name})", registry)
+    except UserError as exc:
+        raise BenchError(f"--objectives {name}: {exc}") from None
+
+
+# -- measurement helpers --------------------------------------------------------------------------------------
+class Timer:
+    """Wall time of a callable on `device`: CUDA events on a GPU, perf_counter around a synchronise elsewhere."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def sync(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        import torch
+
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b)
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+
+
+def matmul_tflops(device, n: int = 0, iters: int = 20) -> tuple[float, str]:
+    """The measured matrix rate: TFLOP/s of an n x n x n matmul (bf16 on CUDA, float32 on the CPU), median."""
+    import torch
+
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n or (8192 if device.type == "cuda" else 512)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    timer = Timer(device)
+    for _ in range(3):
+        a @ b
+    timer.sync()
+    ms = statistics.median(timer(lambda: a @ b) for _ in range(iters))
+    return 2 * n ** 3 / (ms / 1e3) / 1e12, str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def eager_only():
+    """torch.compile'd functions run eagerly inside (so the FLOP counter sees every op)."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+def _cpu_attention_formulas() -> dict:
+    """torch's FLOP formulas of the CUDA flash-attention kernels, applied to the CPU flash kernels too (the counter
+    registers no formula for them; the arguments are laid out alike)."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    pairs = [("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+             ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward")]
+    out = {}
+    for cpu_op, cuda_op in pairs:
+        if hasattr(aten, cpu_op) and getattr(aten, cuda_op) in fc.flop_registry:
+            formula = fc.flop_registry[getattr(aten, cuda_op)]
+
+            def raw(*args, _f=formula, **kwargs):
+                return _f(*args, **kwargs)
+
+            raw._get_raw = True  # already takes tensors (the registry's shape wrapper is inside)
+            out[getattr(aten, cpu_op)] = raw
+    return out
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn` as torch.utils.flop_counter counts them (matmul, conv, attention; fwd and bwd)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with eager_only():
+        counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
+        with counter:
+            fn()
+    return int(counter.get_total_flops())
+
+
+def random_batch(spec, batch: int, device, seed: int = 0):
+    """Random non-zero data of the data's shape: x ~ N(0, 1) clipped to [-1, 1]... and labels/conditions."""
+    import torch
+
+    from .interfaces import Batch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn((batch, *spec.shape), device=device, generator=g).clamp_(-3, 3)
+    y = torch.randint(0, spec.num_classes, (batch,), device=device, generator=g) if spec.num_classes > 0 else None
+    cond = {k: torch.randn((batch, *shape), device=device, generator=g) for k, shape in spec.cond_shapes.items()}
+    return Batch(x, y, cond)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent,
+                               capture_output=True, text=True, timeout=10)
+        return (out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def card_name(device) -> str:
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# -- the bare step ----------------------------------------------------------------------------------------------
+def bare_step(recipe: Recipe, *, steps: int, warmup: int, device, registry: Any = None,
+              flop_steps: int = 2) -> StepRow:
+    """Median ms of loss + backward + optimizer step on random data, peak memory and FLOPs per step."""
+    import torch
+
+    from .build import build_components
+    from .engine.trainer import make_optimizer
+
+    tr = recipe.train
+    row = StepRow(objective="")
+    comps = build_components(recipe, device=device, registry=registry)
+    net, objective = comps.net, comps.objective
+    objective.prepare(net)
+    model = torch.compile(net) if tr["compile"] else net
+    opt = make_optimizer([p for p in net.parameters() if p.requires_grad], tr, device)
+    batches = [random_batch(comps.data.spec, tr["batch"], device, seed=k) for k in range(4)]
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if tr["precision"] == "bf16"
+                else contextlib.nullcontext())
+    if tr["precision"] == "tf32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    last: dict[str, Any] = {}
+
+    def step(i: int, m=model) -> None:
+        with autocast:
+            out = objective.loss(m, batches[i % len(batches)], i)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last["loss"] = out.loss.detach()
+
+    timer = Timer(device)
+    torch.manual_seed(tr["seed"])
+    for i in range(warmup):
+        step(i)
+    timer.sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [timer(lambda i=i: step(warmup + i)) for i in range(steps)]
+    if device.type == "cuda":
+        row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    row.loss_finite = bool(torch.isfinite(last["loss"]))
+    flops = [count_flops(lambda i=i: step(warmup + steps + i, net)) for i in range(flop_steps)]
+    row.ms, row.ms_min, row.ms_max = statistics.median(times), min(times), max(times)
+    row.images_per_s = tr["batch"] / (row.ms / 1e3)
+    row.gflop_per_step = statistics.mean(flops) / 1e9
+    row.tflops = row.gflop_per_step / row.ms  # 1e9 FLOP / 1e-3 s = 1e12 FLOP/s
+    del comps, net, model, opt, objective, batches
+    if device.type == "cuda":
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return row
+
+
+def train_step_ms(recipe: Recipe, *, steps: int, warmup: int, registry: Any = None, console: Any = None) -> float:
+    """ms per step of the real `fewstep train` loop on `recipe` (its data source, EMA and loggers), measured over
+    the last log window of `steps` steps after at least `warmup` steps."""
+    from .engine.trainer import Trainer
+
+    d = copy.deepcopy(recipe.to_dict())
+    windows = max(1, math.ceil(warmup / steps)) + 1
+    d["train"].update(steps=windows * steps, log_every=steps, checkpoint_every=0, max_seconds=0.0)
+    d["eval"].update(every=0, grid=1, nfe=[1])
+    loggers = list(d["train"].get("loggers", ["jsonl"]))
+    if "jsonl" not in loggers:
+        d["train"]["loggers"] = loggers + ["jsonl"]
+    probe = recipe_from_dict(d, recipe.source, registry)
+    with tempfile.TemporaryDirectory(prefix="fewstep-bench-") as tmp:
+        run = Path(tmp) / "run"
+        Trainer(probe, run, force=True, console=console, show_progress=False, registry=registry, final_grids=False).run()
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    return 1000.0 / max(float(last["steps_per_s"]), 1e-9)
+
+
+# -- sampling ---------------------------------------------------------------------------------------------------
+def sampling_rows(recipe: Recipe, *, nfes: Sequence[int], batch: int, iters: int, device, registry: Any = None,
+                  fid: bool = True, fid_num: int = 0) -> tuple[list[SamplingRow], list[str]]:
+    import torch
+
+    from .build import build_components, build_evaluator
+    from .interfaces import BuildContext
+
+    notes: list[str] = []
+    comps = build_components(recipe, device=device, registry=registry)
+    net, objective, sampler, data = comps.net.eval(), comps.objective, comps.sampler, comps.data
+    model = torch.compile(net) if recipe.train["compile"] else net
+    spec = data.spec
+    g = torch.Generator(device=device).manual_seed(0)
+    noise = torch.randn((batch, *spec.shape), device=device, generator=g)
+    y = torch.randint(0, spec.num_classes, (batch,), device=device, generator=g) if spec.num_classes > 0 else None
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if recipe.train["precision"] == "bf16"
+                else contextlib.nullcontext())
+    timer = Timer(device)
+    rows = []
+    for nfe in nfes:
+        def gen():
+            with torch.no_grad(), autocast:
+                x0 = sampler.sample(objective, model, noise, y, nfe, generator=torch.Generator(device=device).manual_seed(1))
+            with torch.no_grad():
+                return data.to_images(x0)
+
+        for _ in range(2):
+            gen()
+        timer.sync()
+        ms = statistics.median(timer(gen) for _ in range(iters))
+        rows.append(SamplingRow(f"{recipe.objective.name} ({recipe.sampler.name}) nfe={nfe}", batch / (ms / 1e3), ms, batch,
+                                note="incl. data.to_images (VAE decode for latents)"))
+    describe = getattr(data, "describe_decoder", None)
+    if callable(describe):
+        notes.append(describe())
+    if fid:
+        try:
+            ev = build_evaluator("fid", BuildContext(data=spec, device=device), registry=registry)
+        except Exception as exc:  # noqa: BLE001 - absent plugin or torch-fidelity
+            notes.append(f"FID feature extractor skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        else:
+            n = fid_num or max(batch, 2)
+            with torch.no_grad():
+                side = data.to_images(noise[:2]).shape[-1]  # the images the evaluator would see
+            gen_u8 = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+            ref_u8 = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+            h = side
+            try:
+                ev.evaluate(gen_u8[: min(n, 64)], ref_u8[: min(n, 64)])  # warm-up: weights, workers, cudnn
+                t0 = time.perf_counter()
+                ev.evaluate(gen_u8, ref_u8)
+                dt = time.perf_counter() - t0
+                rows.append(SamplingRow(f"fid features ({h}x{h} uint8, end to end)", 2 * n / dt, 1000 * dt, 2 * n,
+                                        note="generated + reference features and the Frechet distance"))
+            except Exception as exc:  # noqa: BLE001 - offline weights missing, etc.
+                notes.append(f"FID feature extractor skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    return rows, notes
+
+
+# -- the whole command ----------------------------------------------------------------------------------------------
+def run_bench(recipe: Recipe, *, objectives: str, batch: int | None, steps: int, warmup: int, compile: bool | None,
+              train_step: bool = True, sampling: bool = False, nfes: Sequence[int] = (1, 2), sample_batch: int = 0,
+              fid: bool = True, fid_num: int = 0, registry: Any = None, console: Any = None,
+              progress: Callable[[str], None] | None = None) -> BenchReport:
+    import torch
+
+    from .engine.distributed import resolve_device
+
+    device = torch.device(resolve_device(recipe.train["device"]))
+    variants = [(label, objective_variant(recipe, name, opts, batch=batch, compile=compile, registry=registry))
+                for label, name, opts in parse_objectives(objectives)]
+    first = variants[0][1]
+    tflops, dtype = matmul_tflops(device)
+    from .build import check_components
+
+    facts = check_components(first, registry=registry)
+    report = BenchReport(card=card_name(device), device=str(device), torch=torch.__version__, commit=git_commit(),
+                         command=" ".join(["fewstep", *sys.argv[1:]]) if sys.argv and "fewstep" in sys.argv[0] else
+                         " ".join(sys.argv), recipe=str(recipe.source),
+                         backbone=f"{first.backbone.name} {first.backbone.options.get('size', '')}".strip() +
+                         f" ({facts['parameters'] / 1e6:.1f}M parameters)",
+                         data_shape=list(facts["shape"]), batch=first.train["batch"], precision=first.train["precision"],
+                         compile=bool(first.train["compile"]), steps=steps, warmup=warmup, matmul_tflops=tflops,
+                         matmul_dtype=dtype)
+    if not sampling:
+        for label, r in variants:
+            if progress:
+                progress(f"{label}: bare step")
+            try:
+                row = bare_step(r, steps=steps, warmup=warmup, device=device, registry=registry)
+            except torch.cuda.OutOfMemoryError:
+                row = StepRow(objective=label, error="out of memory")
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+            row.objective = label
+            row.share_of_matmul = row.tflops / tflops
+            if train_step and not row.error:
+                if progress:
+                    progress(f"{label}: fewstep train step")
+                row.train_ms = train_step_ms(r, steps=steps, warmup=warmup, registry=registry, console=console)
+                row.train_over_bare = row.train_ms / row.ms
+            report.rows.append(row)
+        base = next((r for r in report.rows if r.objective.split(":")[0] == "fm" and not r.error), None)
+        base = base or next((r for r in report.rows if not r.error), None)
+        for r in report.rows:
+            if base is not None and not r.error:
+                r.x_fm_time = r.ms / base.ms
+                r.x_fm_memory = r.peak_gib / base.peak_gib if base.peak_gib == base.peak_gib and base.peak_gib else float("nan")
+    else:
+        for label, r in variants:
+            if progress:
+                progress(f"{label}: sampling")
+            rows, notes = sampling_rows(r, nfes=nfes, batch=sample_batch or r.eval["batch"], iters=max(3, min(steps, 10)),
+                                        device=device, registry=registry, fid=fid and label == variants[-1][0],
+                                        fid_num=fid_num)
+            report.sampling += rows
+            report.notes += notes
+    return report
+
+
+def _f(v: float, fmt: str) -> str:
+    return "" if not isinstance(v, (int, float)) or v != v else format(v, fmt)
+
+
+def render(report: BenchReport):
+    """A rich table of the report."""
+    from rich.table import Table
+
+    title = (f"{report.card}, torch {report.torch}, {report.commit}: {report.backbone}, data {tuple(report.data_shape)}, "
+             f"batch {report.batch}, {report.precision}{', compiled' if report.compile else ''}; "
+             f"matmul {report.matmul_tflops:.3g} TFLOP/s ({report.matmul_dtype})")
+    if report.rows:
+        t = Table(title=title)
+        for col in ("objective", "ms/step", "x FM", "img/s", "GiB", "x FM mem", "GFLOP", "TFLOP/s",
+                    "% mm", "train ms", "train/bare"):
+            t.add_column(col, justify="left" if col == "objective" else "right")
+        for r in report.rows:
+            if r.error:
+                t.add_row(r.objective, r.error, *[""] * 9)
+                continue
+            t.add_row(r.objective, _f(r.ms, ".1f"), _f(r.x_fm_time, ".2f"), _f(r.images_per_s, ".0f"), _f(r.peak_gib, ".1f"),
+                      _f(r.x_fm_memory, ".2f"), _f(r.gflop_per_step, ".4g"), _f(r.tflops, ".3g"),
+                      _f(100 * r.share_of_matmul, ".1f"), _f(r.train_ms, ".1f"), _f(r.train_over_bare, ".2f"))
+        return t
+    t = Table(title=title.replace(f"batch {report.batch}", "sampling"))
+    for col in ("what", "images/s", "ms/batch", "batch", "note"):
+        t.add_column(col, justify="left" if col in ("what", "note") else "right")
+    for r in report.sampling:
+        t.add_row(r.what, _f(r.images_per_s, ".0f"), _f(r.ms_per_batch, ".1f"), str(r.batch), r.note)
+    return t
+
+
+def markdown(report: BenchReport) -> str:
+    """The report as the markdown table docs/benchmarks.md keeps."""
+    lines = [f"{report.card}; torch {report.torch}; commit {report.commit}; {report.backbone}; data "
+             f"{'x'.join(map(str, report.data_shape))}; batch {report.batch}; {report.precision}"
+             f"{'; compiled' if report.compile else ''}; median of {report.steps} steps after {report.warmup}; "
+             f"matmul {report.matmul_tflops:.3g} TFLOP/s ({report.matmul_dtype})", ""]
+    if report.rows:
+        lines += ["| objective | ms/step | x FM | images/s | peak GiB | x FM mem | GFLOP/step | TFLOP/s | % matmul | "
+                  "train ms/step | train / bare |", "|---|" + "---:|" * 10]
+        for r in report.rows:
+            if r.error:
+                lines.append(f"| {r.objective} | {r.error} |" + " |" * 9)
+                continue
+            lines.append(f"| {r.objective} | {_f(r.ms, '.1f')} | {_f(r.x_fm_time, '.2f')} | {_f(r.images_per_s, '.0f')} | "
+                         f"{_f(r.peak_gib, '.1f')} | {_f(r.x_fm_memory, '.2f')} | {_f(r.gflop_per_step, '.4g')} | "
+                         f"{_f(r.tflops, '.3g')} | {_f(100 * r.share_of_matmul, '.1f')} | {_f(r.train_ms, '.1f')} | "
+                         f"{_f(r.train_over_bare, '.2f')} |")
+    if report.sampling:
+        lines += ["| what | images/s | ms/batch | batch |", "|---|---:|---:|---:|"]
+        lines += [f"| {r.what} | {_f(r.images_per_s, '.0f')} | {_f(r.ms_per_batch, '.1f')} | {r.batch} |" for r in report.sampling]
+    lines += [f"* {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def write_json(report: BenchReport, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**report.to_dict(), "markdown": markdown(report)}, indent=2))
+    os.replace(tmp, path)
