@@ -1,0 +1,1 @@
+"""sCT (placeholder)."""
