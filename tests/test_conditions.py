@@ -56,6 +56,7 @@ def test_every_network_call_gets_its_rows_conditions(name, opts):
     torch.manual_seed(0)
     net = AuxNet()
     obj = builtin("objective", name)(CTX, **opts)
+    obj.extend(net)  # as build_components does (sct adds its weighting head)
     out = obj.loss(net, batch(), step=5)
     out.loss.backward()
     assert torch.isfinite(out.loss)
