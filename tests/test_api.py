@@ -154,7 +154,7 @@ def hooks() -> dict[str, str]:
     """hook name -> its exact signature, e.g. 'register_objectives(register)'."""
     found = {name: f"{name}{inspect.signature(fn)}" for name, fn in vars(hookspecs).items()
              if callable(fn) and hasattr(fn, "fewstep_spec")}
-    assert len(found) == 6, found
+    assert len(found) == 7, found
     return found
 
 
@@ -204,8 +204,9 @@ def guide_tree(tmp_path, monkeypatch):
 def test_guide_blocks_are_there():
     files, snippets = guide_blocks()
     assert {"pyproject.toml", "fewstep_toyfm/__init__.py", "fewstep_toyfm/objective.py", "fewstep_toyfm/sampler.py",
-            "tests/test_toyfm.py", "my_pkg/nets.py", "my_pkg/data.py", "my_pkg/metrics.py"} <= set(files)
-    assert len(snippets) == 6
+            "tests/test_toyfm.py", "my_pkg/nets.py", "my_pkg/data.py", "my_pkg/metrics.py",
+            "my_pkg/loggers.py"} <= set(files)
+    assert len(snippets) == 7
     meta = tomllib.loads(files["pyproject.toml"])
     assert meta["project"]["entry-points"]["fewstep"] == {"toyfm": "fewstep_toyfm"}
 
@@ -221,7 +222,7 @@ def test_guide_hook_snippets_register_and_their_components_work(guide_tree):
         reg.register_plugin(module, name=f"guide-snippet-{i}")
     mine = {(s.kind, s.name) for s in reg.all() if s.package == "(in-process)"}
     assert mine == {("objective", "toyfm"), ("sampler", "toyeuler"), ("backbone", "tinymlp"), ("dataset", "bars"),
-                    ("evaluator", "pixel-stats")} and not reg.failures
+                    ("evaluator", "pixel-stats"), ("logger", "csv")} and not reg.failures
     for kind, name in mine:
         reg.get(kind, name).load()  # every lazy factory resolves
 
@@ -247,10 +248,18 @@ def test_guide_hook_snippets_register_and_their_components_work(guide_tree):
 
     # a run made only of the guide's components
     recipe = recipe_from_dict({"data": {"name": "bars", "num": 64}, "backbone": {"name": "tinymlp", "width": 16},
-                               "objective": {"name": "toyfm"}, "train": {"steps": 3, "batch": 8, "device": "cpu"},
-                               "eval": {"nfe": [1], "grid": 4}}, registry=reg)
+                               "objective": {"name": "toyfm"},
+                               "train": {"steps": 3, "batch": 8, "device": "cpu", "log_every": 1, "loggers": ["jsonl", "csv"]},
+                               "loggers": {"csv": {"file": "m.csv"}}, "eval": {"nfe": [1], "grid": 4}}, registry=reg)
     assert recipe.sampler.name == "toyeuler"
     assert Trainer(recipe, guide_tree / "run", show_progress=False, registry=reg).run().step == 3
+    import csv
+    import json
+    with open(guide_tree / "run" / "m.csv") as fh:  # the guide's logger saw exactly what metrics.jsonl holds
+        rows = list(csv.DictReader(fh))
+    lines = [json.loads(x) for x in (guide_tree / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [int(r["step"]) for r in rows] == [x["step"] for x in lines] == [1, 2, 3]
+    assert [float(r["loss"]) for r in rows] == pytest.approx([x["loss"] for x in lines], rel=1e-12)
 
     app = typer.Typer()
 
