@@ -62,6 +62,20 @@ def check_conditions(recipe: Recipe, spec: Any, net: Any) -> None:
                          f"backbone that takes them")
 
 
+def extend(recipe: Recipe, objective: Objective, net: Any) -> None:
+    """objective.extend(net): the objective's own trained submodules join the backbone (a named error otherwise)."""
+    hook = getattr(objective, "extend", None)
+    if hook is None:
+        return
+    try:
+        hook(net)
+    except FewstepError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise BuildError(f"{recipe.source}: [objective] {recipe.objective.name!r} cannot extend [backbone] "
+                         f"{recipe.backbone.name!r}: {type(exc).__name__}: {exc}") from exc
+
+
 def build_components(recipe: Recipe, device: Any = "cpu", registry: Registry | None = None) -> Components:
     import torch
 
@@ -73,11 +87,12 @@ def build_components(recipe: Recipe, device: Any = "cpu", registry: Registry | N
     torch.manual_seed(recipe.train["seed"])  # identical initial weights on every rank and rerun
     net = build_one(reg, recipe, "backbone", ctx)
     check_conditions(recipe, data.spec, net)
+    objective = build_one(reg, recipe, "objective", ctx)
+    extend(recipe, objective, net)
     try:
         net = net.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise BuildError(f"{recipe.source}: [backbone] {recipe.backbone.name!r} cannot be moved to {device}: {exc}") from exc
-    objective = build_one(reg, recipe, "objective", ctx)
     sampler = build_one(reg, recipe, "sampler", ctx)
     return Components(data, net, objective, sampler, ctx)
 
@@ -104,7 +119,9 @@ def check_components(recipe: Recipe, registry: Registry | None = None) -> dict[s
     with torch.device("meta"):
         net = build_one(reg, recipe, "backbone", ctx)
     check_conditions(recipe, spec, net)
-    build_one(reg, recipe, "objective", ctx)
+    objective = build_one(reg, recipe, "objective", ctx)
+    with torch.device("meta"):
+        extend(recipe, objective, net)
     build_one(reg, recipe, "sampler", ctx)
     x = torch.zeros((2, *spec.shape), device="meta")
     t = torch.full((2,), 0.5, device="meta")

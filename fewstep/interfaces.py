@@ -10,7 +10,11 @@ Backbone:   ``net(x, t, s, y, **cond) -> Tensor`` shaped like x; t, s of shape (
             attribute ``conditions`` (e.g. ``augment_labels`` (B, A)); a missing one means "none".
 Objective:  ``loss(net, batch, step) -> LossOutput``; ``flow_map(net, x, t, s, y)``;
             ``velocity(net, x, t, y)``; names its default sampler at registration;
-            optional ``prepare(net)`` runs once on a fresh run before the optimizer/EMA exist.
+            optional ``prepare(net)`` runs once on a fresh run before the optimizer/EMA exist;
+            optional ``extend(net)`` runs on every build (fresh, resumed, check, eval) and may add submodules
+            the objective trains with the backbone (sCT's adaptive-weighting head);
+            ``flow_map``/``velocity`` may take the backbone's extra conditions as keywords (``**cond``), which
+            samplers set at sampling time (iMF's guidance scale and interval).
 Sampler:    ``sample(objective, net, noise, y, nfe, generator) -> x0``.
 DataSource: ``spec``; ``batches(batch, seed, start_step, rank, world)``; ``to_images``;
             ``reference_batches(split, batch, limit, rank, world)`` streams real images.
@@ -106,6 +110,12 @@ class Objective(abc.ABC):
     def velocity(self, net: "nn.Module", x: "Tensor", t: "Tensor", y: "Tensor | None") -> "Tensor":
         """Instantaneous velocity dx/dt at (x, t): by default the network at s = t."""
         return net(x, t, t, y)
+
+    def extend(self, net: "nn.Module") -> None:
+        """Called on every build of the components (fresh run, resume, ``fewstep check``, evaluation), right after
+        the backbone is built and before it moves to the device: an objective that trains parameters of its own (a
+        learned loss weighting) adds them here as a submodule of `net` (``net.add_module(name, module)``), so that
+        the optimizer, the EMA copies, checkpoints and resumes carry them with the backbone. Default: nothing."""
 
     def prepare(self, net: "nn.Module") -> None:
         """Called once on a fresh run (never on resume), after the backbone is built and before

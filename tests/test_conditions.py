@@ -48,11 +48,15 @@ def batch(b=16):
     ("meanflow", {"jvp_mode": "single", "jvp_impl": "torch"}),
     ("meanflow", {"jvp_mode": "lean", "jvp_impl": "torch", "reuse_u_for_cfg": False, "drop_rows": "random"}),
     ("ect", {}),
+    ("imf", {"tangent": "boundary", "jvp_impl": "torch"}),  # guidance rows (v_c at the gate, v_u null), JVP rows
+    ("imf", {"tangent": "boundary", "drop_rows": "random", "tangent_label": "input"}),
+    ("sct", {}),  # the JVP forward and the gradient forward
 ])
 def test_every_network_call_gets_its_rows_conditions(name, opts):
     torch.manual_seed(0)
     net = AuxNet()
     obj = builtin("objective", name)(CTX, **opts)
+    obj.extend(net)  # as build_components does (sct adds its weighting head)
     out = obj.loss(net, batch(), step=5)
     out.loss.backward()
     assert torch.isfinite(out.loss)

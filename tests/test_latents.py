@@ -123,6 +123,23 @@ def test_scaling_factor_and_decoding(world):
     assert torch.allclose(latents(world, decode_batch=1).to_images(a.x), want, atol=1e-5)
 
 
+def test_per_channel_standardisation_and_its_inverse(world):
+    """iMF's latents: (sample - mean_c) / std_c per channel (Lyy-iiis/imeanflow utils/vae_util.py), decoded exactly."""
+    mean, std = [0.86488, -0.27787343, 0.21616915, 0.3738409], [4.85503674, 5.31922414, 3.93725398, 3.9870003]
+    data, std_data = latents(world), latents(world, channel_mean=mean, channel_std=std)
+    a, b = next(data.batches(3, seed=0)), next(std_data.batches(3, seed=0))
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    assert torch.allclose(b.x, (a.x / 0.18215 - m) / s, atol=1e-5)
+    assert torch.allclose(std_data.decode_space(b.x), a.x / 0.18215, atol=1e-5)
+    assert torch.allclose(std_data.to_images(b.x), data.to_images(a.x), atol=1e-4)
+    from fewstep.api import OptionError
+
+    with pytest.raises(OptionError, match="channel_std"):
+        latents(world, channel_mean=mean, channel_std=std[:2])
+    with pytest.raises(OptionError, match="4 channels"):
+        latents(world, channel_mean=mean[:2], channel_std=std[:2])
+
+
 def test_the_cache_must_match_the_recipe(world, tmp_path):
     with pytest.raises(DataError, match=r"holds 32px latents but data.resolution = 64"):
         latents(world, resolution=64)

@@ -16,6 +16,12 @@ LATENTS_OPTIONS = [
     Option("resolution", int, 256, "image resolution the cache must have been made at", ge=8),
     Option("scaling_factor", float, 0.18215, "latents are (mean + std * eps) * scaling_factor; decoding divides by it "
            "(SD VAE: 0.18215)", gt=0),
+    Option("channel_mean", float, [], "per-channel standardisation instead of scaling_factor: latents are "
+           "((mean + std * eps) - channel_mean) / channel_std, one value per latent channel (iMF, "
+           "Lyy-iiis/imeanflow utils/vae_util.py: 0.86488, -0.27787343, 0.21616915, 0.3738409); [] = off",
+           is_list=True),
+    Option("channel_std", float, [], "per-channel std of that standardisation (iMF: 4.85503674, 5.31922414, "
+           "3.93725398, 3.9870003); set with channel_mean", is_list=True, gt=0),
     Option("conditional", bool, True, "feed the class-folder labels (False: unconditional)"),
     Option("vae_dtype", str, "fp32", "precision of the decoder", choices=("fp32", "bf16", "fp16")),
     Option("decode_batch", int, 32, "latents decoded per VAE call", ge=1),

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fewstep.api import Batch, BuildContext, DataError, DataSource, DataSpec, index_stream
+from fewstep.api import Batch, BuildContext, DataError, DataSource, DataSpec, OptionError, index_stream
 from fewstep_plugins.images.files import step_generator
 from fewstep_plugins.images.imagefolder import CroppedImages, clean_worker_error, loader
 from fewstep_plugins.images.source import rank_batches, reference_order
@@ -25,7 +25,11 @@ from . import vae as V
 
 class Latents(DataSource):
     def __init__(self, ctx: BuildContext, *, root: str, vae: str, resolution: int, scaling_factor: float,
-                 conditional: bool, vae_dtype: str, decode_batch: int, workers: int):
+                 channel_mean: list[float], channel_std: list[float], conditional: bool, vae_dtype: str,
+                 decode_batch: int, workers: int):
+        if len(channel_mean) != len(channel_std):
+            raise OptionError("channel_std", f"latents: channel_mean has {len(channel_mean)} values, channel_std "
+                              f"{len(channel_std)}; give both, one value per latent channel (or neither)")
         if not root:
             raise DataError("latents: set data.root to a folder written by `fewstep cache-latents`")
         self.root = Path(root).expanduser()
@@ -62,6 +66,13 @@ class Latents(DataSource):
                             f"{sum(len(s) for s in self.shards)} shard rows); make the cache again")
         self.spec = DataSpec(tuple(meta["latent_shape"]), len(meta["classes"]) if conditional else 0, "latents",
                              class_names=tuple(meta["classes"]) if conditional else ())
+        self.channel_mean = self.channel_std = None
+        if channel_mean:
+            if len(channel_mean) != self.spec.shape[0]:
+                raise OptionError("channel_mean", f"latents: {len(channel_mean)} channel_mean values for latents with "
+                                  f"{self.spec.shape[0]} channels")
+            self.channel_mean = torch.tensor(channel_mean, dtype=torch.float32).view(-1, 1, 1)
+            self.channel_std = torch.tensor(channel_std, dtype=torch.float32).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -79,9 +90,21 @@ class Latents(DataSource):
             mean, std = self.posterior(rows)
             eps = torch.stack([torch.randn(mean.shape[1:], generator=step_generator(seed, step, f"latent/{rank * batch_size + j}"))
                                for j in range(len(rows))])
-            x = (mean + std * eps) * self.scaling_factor  # a fresh draw from the posterior, scaled to about unit std
+            x = self.encode(mean + std * eps)  # a fresh draw from the posterior, scaled to about unit std
             yield Batch(x, self.labels[rows] if self.conditional else None)
             step += 1
+
+    def encode(self, sample: torch.Tensor) -> torch.Tensor:
+        """A VAE latent -> model space: x 0.18215 (scaling_factor) or per-channel standardisation."""
+        if self.channel_mean is None:
+            return sample * self.scaling_factor
+        return (sample - self.channel_mean.to(sample.device)) / self.channel_std.to(sample.device)
+
+    def decode_space(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `encode`."""
+        if self.channel_mean is None:
+            return x / self.scaling_factor
+        return x * self.channel_std.to(x.device, x.dtype) + self.channel_mean.to(x.device, x.dtype)
 
     # -- back to pixels --------------------------------------------------------------------------
     def vae(self, device) -> "torch.nn.Module":
@@ -90,9 +113,9 @@ class Latents(DataSource):
         return self._vae.to(device)
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) in model space -> images in [-1, 1]: decode(x / scaling_factor)."""
+        """Latents (B, C, h, w) in model space -> images in [-1, 1]: decode(the inverse of `encode`)."""
         model = self.vae(x.device)
-        return torch.cat([V.decode(model, x[i:i + self.decode_batch] / self.scaling_factor)
+        return torch.cat([V.decode(model, self.decode_space(x[i:i + self.decode_batch]))
                           for i in range(0, len(x), self.decode_batch)])
 
     # -- references: the source images the cache was made from ------------------------------------
