@@ -58,13 +58,14 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="print JSON ins
                    "failures": [{"plugin": f.plugin, "package": f.package, "error": f.error} for f in reg.failures]}
         sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="fewstep plugins")
     for col in ("kind", "name", "package", "description"):
         table.add_column(col)
-    for s in specs:
-        table.add_row(s.kind, s.name, f"{s.package} {s.version}".strip(), s.description)
+    for s in specs:  # descriptions are plain text: "pip install 'fewstep[wandb]'" must not read as markup
+        table.add_row(escape(s.kind), escape(s.name), escape(f"{s.package} {s.version}".strip()), escape(s.description))
     console.print(table)
     for f in reg.failures:
         err.print("[bold red]broken plugin[/bold red] ", end="")
