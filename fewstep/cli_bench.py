@@ -62,7 +62,13 @@ def bench(
     report = run_bench(r, objectives=objectives, batch=batch, steps=steps, warmup=warmup, compile=compile,
                        train_step=train_step, sampling=sampling, nfes=_int_list(nfe, "--nfe"), sample_batch=sample_batch,
                        fid=fid, fid_num=fid_num, console=err, progress=lambda m: err.log(m))
-    report.command = " ".join(["fewstep", *sys.argv[1:]])
+    argv = sys.argv[1:]
+    if "bench" not in argv:  # called in-process (tests, CliRunner): the command from the parsed options
+        import click
+
+        params = click.get_current_context().params
+        argv = ["bench", *(f"--{k.replace('_', '-')}={v}" for k, v in params.items() if v not in (None, False, []))]
+    report.command = " ".join(["fewstep", *argv])
     console.print(render(report))
     for note in report.notes:
         err.print(note, highlight=False, markup=False)
