@@ -64,10 +64,11 @@ def bench(
                        fid=fid, fid_num=fid_num, console=err, progress=lambda m: err.log(m))
     argv = sys.argv[1:]
     if "bench" not in argv:  # called in-process (tests, CliRunner): the command from the parsed options
-        import click
-
-        params = click.get_current_context().params
-        argv = ["bench", *(f"--{k.replace('_', '-')}={v}" for k, v in params.items() if v not in (None, False, []))]
+        given = {"recipe": recipe, "objectives": objectives, "batch": batch, "steps": steps, "warmup": warmup,
+                 "compile": compile, "sampling": sampling, "nfe": nfe if sampling else None}
+        argv = ["bench", *(f"--{k}" if v is True else f"--{k}={v}" for k, v in given.items()
+                           if v not in (None, False))]
+        argv += [f"--set={s}" for s in (set_ or [])]
     report.command = " ".join(["fewstep", *argv])
     console.print(render(report))
     for note in report.notes:

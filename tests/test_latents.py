@@ -272,4 +272,7 @@ def test_trains_a_few_steps_on_latents_and_decodes_the_grid(world, tmp_path):
     r = recipe_from_dict(d)
     res = Trainer(r, tmp_path / "run", show_progress=False).run()
     assert res.step == 2 and math.isfinite(res.final_metrics["loss"])
-    assert Image.open(res.grids[-1]).size == (2 * RES + 6, 2 * RES + 6)  # 2 x 2 decoded 32 px images, 2 px padding
+    from fewstep.images import caption_band_height
+
+    band = caption_band_height("caption", ["a class per column"])  # labelled data: caption and class names above
+    assert Image.open(res.grids[-1]).size == (2 * RES + 6, 2 * RES + 6 + band)  # 2 x 2 decoded 32 px, 2 px padding
