@@ -230,6 +230,9 @@ def stats(
     data_option: Annotated[Optional[list[str]], typer.Option("--data-option", "-D", metavar="KEY=VALUE",
                                                              help="dataset option (repeatable), e.g. -D conditional=false")] = None,
     option: OptionOpt = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", metavar="FILE.npz", exists=True, dir_okay=False,
+                                                      help="also score this split against stored statistics (e.g. "
+                                                           "CIFAR-10 test against train): the metric and images/s")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Reference statistics of a dataset split, computed once, stored as .npz (keys mu, sigma: pytorch-fid's and ADM's layout).
@@ -240,7 +243,10 @@ def stats(
       fewstep stats --data cifar10:/data/cifar10 --split train --out stats/cifar10-train.npz
       fewstep stats --data recipes/my_imagenet.toml --out stats/in256.npz
       torchrun --nproc-per-node 8 -m fewstep stats --data imagefolder:/data/imagenet/train -D resolution=256 --out in256.npz
+      fewstep stats --data cifar10:/data/cifar10 --split test --out test.npz --reference stats/cifar10-train.npz
     """
+    import time
+
     from .evaluation import EvaluationError, Reference, build_evaluators, default_metrics, parse_options
     from .interfaces import BuildContext
     from .registry import get_registry
@@ -266,7 +272,8 @@ def stats(
             _fail(f"--data {data}: {exc}")
     candidates = [metric] if metric else default_metrics(reg)
     evaluators = build_evaluators(candidates, options, None, reg)
-    writer = next((e for e in evaluators.values() if callable(getattr(e, "write_statistics", None))), None)
+    wname, writer = next(((k, e) for k, e in evaluators.items() if callable(getattr(e, "write_statistics", None))),
+                         (None, None))
     if writer is None:
         raise EvaluationError(f"none of the evaluators {candidates} can write reference statistics; name one with --metric")
     dist, _ = _dist()
@@ -275,9 +282,29 @@ def stats(
 
     with Progress(console=err, disable=not dist.is_main) as prog:
         task = prog.add_task(f"features of {name} {split}", total=num or None)
+        t0 = time.perf_counter()
         record = writer.write_statistics(stream, out, progress=lambda k: prog.advance(task, k) if dist.is_main else None)
+        took = time.perf_counter() - t0
+    n = record.get("num", 0)
     if dist.is_main:
-        console.print(f"wrote {out} ({record.get('num', '?')} images of {name} {split}, {record.get('features', '?')}-d features)")
+        console.print(f"wrote {out} ({n} images of {name} {split}, {record.get('features', '?')}-d features; "
+                      f"{took:.1f} s, {n / max(took, 1e-9):,.0f} images/s end to end)", highlight=False)
+    if reference is None:
+        return
+    if not callable(getattr(writer, "evaluate_stream", None)):
+        raise EvaluationError(f"evaluator {wname!r} cannot score a stream against stored statistics")
+    gen = Reference(source, source.spec.name or name, split, num).stream(batch, dist, None)
+    ref = Reference(None, reference.stem, "stored statistics", 0, statistics=reference).stream(batch, dist, None)
+    with Progress(console=err, disable=not dist.is_main) as prog:
+        task = prog.add_task(f"{name} {split} against {reference.name}", total=num or None)
+        t0 = time.perf_counter()
+        scores = writer.evaluate_stream(gen, ref, shared={}, reference_name=reference.stem, reference_split="",
+                                        progress=lambda k: prog.advance(task, k) if dist.is_main else None)
+        took = time.perf_counter() - t0
+    if dist.is_main:
+        for key, value in scores.items():
+            console.print(f"{key}({name} {split}, {n} images; {reference}) = {value:.4f}  "
+                          f"({took:.1f} s, {n / max(took, 1e-9):,.0f} images/s)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

