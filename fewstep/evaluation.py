@@ -343,7 +343,8 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
                 progress.reset(task)
             ts = time.perf_counter()
             parts = [x for x, _ in generated_batches(loaded, settings.num, nfe, settings.seed, settings.batch, dist, advance)]
-            _in_memory(settings.num * math.prod(shape), f"evaluators {sorted(whole)}")
+            per_row = int(parts[0][0].numel()) if parts else 1  # what to_images returns (pixels, for latent data)
+            _in_memory(settings.num * per_row, f"evaluators {sorted(whole)}")
             samples = dist.gather_batches(parts)  # every rank: all `num` samples, in the order one process has them
             samples = torch.zeros((0, *shape)) if samples is None else samples
             sampled[0] = time.perf_counter() - ts
