@@ -124,7 +124,8 @@ def train(
 def sample(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="run folder", exists=True, file_okay=False)],
     nfe: Annotated[int, typer.Option(help="network evaluations per sample", min=1)] = 1,
-    num: Annotated[int, typer.Option(help="number of samples", min=1)] = 64,
+    num: Annotated[int, typer.Option("--num", "-n", help="number of samples (under torchrun write -n: torchrun reads "
+                                                        "--num as its own --numa-binding)", min=1)] = 64,
     out: Annotated[Optional[Path], typer.Option(metavar="FILE", help=".png (grid) or .npz (ADM's evaluator input: arr_0 uint8 NHWC, arr_1 labels) "
                                                 "\\[default: RUN/samples/sample_nfe<NFE>.png]")] = None,
     seed: Annotated[int, typer.Option(help="noise and label seed", min=0, max=2**32 - 1)] = 0,
@@ -137,7 +138,7 @@ def sample(
 
     Examples:
       fewstep sample runs/x --nfe 2 --num 64
-      torchrun --nproc-per-node 8 -m fewstep sample runs/x --nfe 1 --num 50000 --out samples.npz
+      torchrun --nproc-per-node 8 -m fewstep sample runs/x --nfe 1 -n 50000 --out samples.npz
     """
     from .cli_eval import _dist
     from .images import to_uint8

@@ -70,7 +70,8 @@ def _dist(device: str = "auto"):
 def eval_cmd(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="run folder", exists=True, file_okay=False)],
     nfe: NfeOpt = None,
-    num: Annotated[Optional[int], typer.Option(metavar="N", min=2, help="generated samples per NFE \\[default: the recipe's eval.num_samples]")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", metavar="N", min=2, help="generated samples per NFE (under torchrun write -n: "
+                                               "torchrun reads --num as its own --numa-binding) \\[default: the recipe's eval.num_samples]")] = None,
     metrics: MetricsOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="noise and label seed \\[default: the recipe's eval.seed]", min=0)] = None,
     ema: Annotated[int, typer.Option(help="which EMA copy (index into train.ema); -1: raw weights", min=-1)] = 0,
@@ -89,7 +90,7 @@ def eval_cmd(
     Examples:
       fewstep eval runs/quickstart --nfe 1,2 --num 1000
       fewstep eval runs/x --num 50000 --reference stats/cifar10-train.npz
-      torchrun --nproc-per-node 8 -m fewstep eval runs/x --num 50000
+      torchrun --nproc-per-node 8 -m fewstep eval runs/x -n 50000
     """
     from .engine.trainer import load_run_recipe
     from .evaluation import EvalSettings, default_metrics, evaluate_run, parse_options
@@ -132,7 +133,8 @@ def compare(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="DIR", rich_help_panel="Output",
                                                 help="comparison folder: runs, compare.json, grids.png, metrics.png \\[default: runs/compare-<recipe name>]")] = None,
     metrics: MetricsOpt = None,
-    num: Annotated[Optional[int], typer.Option(metavar="N", min=2, help="generated samples per evaluation \\[default: the recipe's eval.num_samples]")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", metavar="N", min=2, help="generated samples per evaluation (under torchrun "
+                                               "write -n: torchrun reads --num as its own --numa-binding) \\[default: the recipe's eval.num_samples]")] = None,
     reference: ReferenceOpt = None,
     option: OptionOpt = None,
     set_: SetOpt = None,
@@ -144,6 +146,8 @@ def compare(
 
     Same backbone, data, data order, seeds and budget; each objective keeps its own defaults and default sampler. Prints a table (metrics mean ± std over seeds, training time, ms/step, peak memory, parameters) and writes OUT/compare.json, OUT/grids.png and OUT/metrics.png. Called again on the same --out, it reuses finished runs and resumes interrupted ones from their checkpoints.
 
+    Under torchrun the runs train with DDP and every evaluation is split over the ranks (rank 0 writes the report); --budget equal-time needs one process.
+
     Without --recipe it runs the recipe a dataset plugin names for it (the digits plugin: recipes/compare_digits.toml, 8x8 digits on CPU in minutes). FID on 8x8 digits is a smoke-level signal; compare on CIFAR-10 (or the GMM data) for conclusions.
 
     Examples:
@@ -151,6 +155,7 @@ def compare(
       fewstep compare soflow meanflow ect --recipe my_cifar10.toml --nfe 1,2 --seeds 3
       fewstep compare soflow meanflow --budget equal-time --seconds 600
       fewstep compare --runs runs/a runs/b --nfe 1,2
+      torchrun --nproc-per-node 8 -m fewstep compare --runs runs/a runs/b -n 50000 --reference in256.npz
     """
     from .comparison import BUDGETS, CompareSpec, default_recipe, run_compare
     from .evaluation import parse_options
@@ -206,11 +211,15 @@ def compare(
         from .engine.trainer import load_run_recipe
 
         spec.seeds = sorted({load_run_recipe(d).train["seed"] for d in run_dirs})
-    comparison = run_compare(spec, err, runs=run_dirs)
-    title, files = write_compare_report(comparison, err)
-    # outside a terminal (CI logs, files) rich would squeeze the table into 80 columns
+    dist, device = _dist()
     from rich.console import Console
 
+    log = err if dist.is_main else Console(stderr=True, quiet=True)  # one rank speaks
+    comparison = run_compare(spec, log, runs=run_dirs, dist=dist, device=device)
+    if not dist.is_main:
+        return
+    title, files = write_compare_report(comparison, err)
+    # outside a terminal (CI logs, files) rich would squeeze the table into 80 columns
     out_console = console if console.is_terminal else Console(width=max(console.width, 160))
     out_console.print(render_table([e.to_dict() for e in comparison.entries], title))
     written = ", ".join(str(spec.out / f) for f in ["compare.json", *files.values()])
@@ -223,7 +232,8 @@ def stats(
                                       "plugin, e.g. cifar10:/data/cifar10 (ROOT sets its root option)")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE.npz", help="where to write mu and sigma")],
     split: Annotated[str, typer.Option(help="which split of the data source")] = "train",
-    num: Annotated[int, typer.Option(metavar="N", min=0, help="use the first N images (0: all)")] = 0,
+    num: Annotated[int, typer.Option("--num", "-n", metavar="N", min=0, help="use the first N images (0: all; under torchrun write -n: "
+                                                                   "torchrun reads --num as its own --numa-binding)")] = 0,
     batch: Annotated[int, typer.Option(metavar="B", min=1, help="images per batch")] = 256,
     metric: Annotated[Optional[str], typer.Option(metavar="NAME", help="the evaluator that writes statistics "
                                                   "\\[default: the first default evaluator that can]")] = None,

@@ -120,21 +120,26 @@ def train_info_from_folder(run_dir: Path, num_params: int | None = None) -> Trai
     return TrainInfo(step, wall, 1000 * wall / max(step, 1), None, num_params, reused=True)
 
 
-def train_one(recipe: Recipe, run_dir: Path, force: bool, console: Any, registry: Registry | None = None) -> TrainInfo:
+def train_one(recipe: Recipe, run_dir: Path, force: bool, console: Any, registry: Registry | None = None,
+              dist: Dist = Dist()) -> TrainInfo:
     """Train `recipe` into `run_dir`; without `force`, continue what an interrupted compare left there.
 
     Same recipe and compare_train.json: finished, reused. Same recipe and a checkpoint: resumed from it.
     Same recipe and no checkpoint yet: started again (nothing to lose). Another recipe: an error naming
-    --force.
+    --force. Under torchrun every rank decides from the same files (barriers around the look) and trains its
+    share (the trainer's DDP); rank 0 alone writes.
     """
     from .engine import checkpoint as ckpt
     from .engine.trainer import RunFolderError, Trainer
 
+    dist.barrier()  # the previous run is written (rank 0) before any rank looks at this one
     same = (run_dir / "recipe.toml").is_file() and (run_dir / "recipe.toml").read_text() == recipe.to_toml()
-    if not force and same and _train_json(run_dir).is_file():
+    done = not force and same and _train_json(run_dir).is_file()
+    resume = not force and same and not done and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None
+    dist.barrier()  # every rank has looked before rank 0 writes this run's files
+    if done:
         console.log(f"reusing the finished run in {run_dir} (same recipe; --force retrains)")
         return train_info_from_folder(run_dir)
-    resume = not force and same and ckpt.latest_checkpoint(run_dir / "checkpoints") is not None
     if resume:
         console.log(f"continuing the interrupted run in {run_dir} from its latest checkpoint (--force retrains)")
     try:
@@ -144,7 +149,8 @@ def train_one(recipe: Recipe, run_dir: Path, force: bool, console: Any, registry
         raise EvaluationError(f"{exc} (fewstep compare: pass --force to retrain, or --out for a new folder)") from None
     peak = None if math.isnan(res.peak_memory_mb) else res.peak_memory_mb
     info = TrainInfo(res.step, res.wall_seconds, res.ms_per_step, peak, res.num_params)
-    _train_json(run_dir).write_text(json.dumps(info.to_dict(), indent=2))
+    if dist.is_main:
+        _train_json(run_dir).write_text(json.dumps(info.to_dict(), indent=2))
     return info
 
 
@@ -161,7 +167,7 @@ def probe_ms_per_step(recipe: Recipe, scratch: Path, console: Any, registry: Reg
     return 1000.0 / max(float(last["steps_per_s"]), 1e-9)
 
 
-def train_all(spec: CompareSpec, console: Any, registry: Registry | None = None) -> list[RunRef]:
+def train_all(spec: CompareSpec, console: Any, registry: Registry | None = None, dist: Dist = Dist()) -> list[RunRef]:
     """Train every objective for every seed under one budget; returns the runs in (seed, objective) order."""
     import shutil
 
@@ -188,7 +194,7 @@ def train_all(spec: CompareSpec, console: Any, registry: Registry | None = None)
                     overrides = {"steps": steps_for[obj], "max_seconds": budget_s}
             recipe = objective_recipe(spec.base, obj, seed, eval_seed, registry, **overrides)
             console.log(f"[bold]training {obj}[/bold] (seed {seed}) -> {run_dir}")
-            info = train_one(recipe, run_dir, spec.force, console, registry)
+            info = train_one(recipe, run_dir, spec.force, console, registry, dist)
             if spec.budget == "equal-time" and oi == 0 and si == 0 and not spec.seconds:
                 budget_s = info.wall_seconds
                 console.log(f"equal-time budget: {budget_s:.1f} s of training per run (the time {obj} took for {info.steps} steps)")
@@ -282,9 +288,10 @@ class Entry:
 
 
 def evaluate_all(refs: list[RunRef], spec: CompareSpec, console: Any, registry: Registry | None = None,
-                 evaluators: dict[str, Evaluator] | None = None, dist: Dist | None = None
+                 evaluators: dict[str, Evaluator] | None = None, dist: Dist | None = None, device: str = "auto"
                  ) -> tuple[list[RunResult], list[CurvePoint], dict[str, Any]]:
-    """Evaluate every run at every NFE (and intermediate checkpoints at the smallest NFE)."""
+    """Evaluate every run at every NFE (and intermediate checkpoints at the smallest NFE); under torchrun every
+    rank samples and extracts features for its share of each evaluation, on `device` (its own GPU)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .engine import checkpoint as ckpt
@@ -297,7 +304,7 @@ def evaluate_all(refs: list[RunRef], spec: CompareSpec, console: Any, registry: 
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*cols, console=console, transient=False) as progress:
         for i, ref in enumerate(refs):
-            loaded = load_model(ref.run_dir, registry=registry)
+            loaded = load_model(ref.run_dir, registry=registry, device=device)
             r = loaded.recipe
             ev = spec.base.eval  # one protocol for every run; seed index k uses eval.seed + k for all objectives
             seed_index = spec.seeds.index(ref.seed) if ref.seed in spec.seeds else 0
@@ -405,11 +412,18 @@ class Comparison:
 
 
 def run_compare(spec: CompareSpec, console: Any, runs: Sequence[Path] = (), registry: Registry | None = None,
-                on_stage: Callable[[str], None] | None = None, dist: Dist | None = None) -> Comparison:
-    """Train (or take `runs`), evaluate, summarise. Writes only the runs (and their compare_train.json)."""
+                on_stage: Callable[[str], None] | None = None, dist: Dist | None = None, device: str = "auto") -> Comparison:
+    """Train (or take `runs`), evaluate, summarise. Writes only the runs (and their compare_train.json).
+
+    Under torchrun (`dist` of several ranks) training is the trainer's DDP and each evaluation is split over the
+    ranks (`device`: this rank's); every rank returns the same Comparison."""
     import time
 
     t0 = time.perf_counter()
+    dist = dist or Dist()
+    if dist.world > 1 and not runs and spec.budget == "equal-time":
+        raise EvaluationError("--budget equal-time measures each objective's wall-clock time in one process; under "
+                              "torchrun use --budget equal-steps, or run the equal-time comparison without torchrun")
     spec.metrics = list(spec.metrics) or default_metrics(registry)
     # evaluators first: missing weights stop the comparison before any training
     evaluators = build_evaluators(spec.metrics, spec.options, spec.base.eval, registry)
@@ -425,11 +439,11 @@ def run_compare(spec: CompareSpec, console: Any, runs: Sequence[Path] = (), regi
             raise EvaluationError("name at least one objective to train (or pass --runs)")
         for obj in spec.objectives:  # every recipe must validate before the first one trains
             objective_recipe(spec.base, obj, spec.seeds[0], spec.base.eval["seed"], registry)
-        refs = train_all(spec, console, registry)
+        refs = train_all(spec, console, registry, dist)
     labels = list(dict.fromkeys(r.label for r in refs))
     if on_stage:
         on_stage("evaluating")
-    per_run, curves, proto = evaluate_all(refs, spec, console, registry, evaluators, dist)
+    per_run, curves, proto = evaluate_all(refs, spec, console, registry, evaluators, dist, device)
     entries = summarize(per_run, labels, spec.nfes)
     n_seeds = len({r.seed for r in refs}) if not runs else max(sum(1 for r in refs if r.label == lb) for lb in labels)
     return Comparison(spec, labels, entries, curves, per_run, proto, evaluators, bool(runs), n_seeds,

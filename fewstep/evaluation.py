@@ -10,7 +10,7 @@ Evaluators come in two kinds (``Evaluator.streams``):
 
 - streaming evaluators (FID, KID) receive an :class:`ImageStream` of the generated images and one of the
   reference images, pull batches through their feature extractor one at a time (never every image in
-  memory), and combine the ranks' partial results themselves (``stream.all_reduce_sum``, ``stream.gather``);
+  memory), and combine the ranks' partial results themselves (``stream.all_reduce_sum``, ``stream.gather_batches``);
   a reference may instead be a stored statistics file (``--reference X.npz``);
 - the others receive every image (or float sample) at once, gathered on rank 0, as long as the set fits
   in :data:`MAX_IN_MEMORY_BYTES`; past that they stop with a named error.
@@ -120,6 +120,12 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
     def all_reduce_sum(self, t):
         if self.world == 1:
             return t
@@ -140,6 +146,21 @@ class Dist:
         import torch
 
         return torch.cat(parts)
+
+    def gather_batches(self, batches: list):
+        """This rank's batches (tensors with equal trailing shapes) of a set dealt round robin, batch k to rank
+        k % world, put together on every rank in the set's order (batch k is rank k % world's batch k // world):
+        the rows one process would have, in the same order."""
+        import torch
+
+        if self.world == 1:
+            return torch.cat(batches) if batches else None
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, [b.cpu() for b in batches])
+        ordered = [parts[k % self.world][k // self.world] for k in range(sum(len(p) for p in parts))]
+        return torch.cat(ordered) if ordered else None
 
 
 def current_dist() -> Dist:
@@ -224,7 +245,7 @@ class Reference:
 
         return ImageStream(batches, self.num, shape, name=self.name, split=self.split, key=self.key,
                            statistics=self.statistics, all_reduce_sum=dist.all_reduce_sum, gather=dist.gather,
-                           rank=dist.rank, world=dist.world)
+                           gather_batches=dist.gather_batches, rank=dist.rank, world=dist.world)
 
 
 def reference_of(loaded, split: str, num: int, statistics: Path | None = None) -> Reference:
@@ -312,7 +333,8 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
                     yield to_uint8(x)
 
             gen_stream = ImageStream(gen_batches, settings.num, None, name="generated", key="",
-                                     all_reduce_sum=dist.all_reduce_sum, gather=dist.gather, rank=dist.rank, world=dist.world)
+                                     all_reduce_sum=dist.all_reduce_sum, gather=dist.gather,
+                                     gather_batches=dist.gather_batches, rank=dist.rank, world=dist.world)
             ref_stream = reference.stream(settings.batch, dist, None)
             for name, ev in streaming.items():
                 metrics.update(ev.evaluate_stream(gen_stream, ref_stream, **info))
@@ -321,9 +343,10 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
                 progress.reset(task)
             ts = time.perf_counter()
             parts = [x for x, _ in generated_batches(loaded, settings.num, nfe, settings.seed, settings.batch, dist, advance)]
-            local = torch.cat(parts) if parts else torch.zeros((0, *shape))
-            _in_memory(settings.num * int(local[0].numel() if len(local) else 1), f"evaluators {sorted(whole)}")
-            samples = dist.gather(local)
+            per_row = int(parts[0][0].numel()) if parts else 1  # what to_images returns (pixels, for latent data)
+            _in_memory(settings.num * per_row, f"evaluators {sorted(whole)}")
+            samples = dist.gather_batches(parts)  # every rank: all `num` samples, in the order one process has them
+            samples = torch.zeros((0, *shape)) if samples is None else samples
             sampled[0] = time.perf_counter() - ts
             images = None
             for name, ev in whole.items():

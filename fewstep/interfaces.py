@@ -207,13 +207,21 @@ class Logger(abc.ABC):
         """Release files and connections. Default: nothing."""
 
 
+def _cat(parts: list) -> "Tensor | None":
+    import torch
+
+    return torch.cat(parts) if parts else None
+
+
 @dataclass
 class ImageStream:
     """This process's share of a set of uint8 images, produced batch by batch (streaming evaluators).
 
-    ``batches()`` yields (b, C, H, W) uint8 tensors; under ``torchrun`` each rank gets its own batches and
-    the evaluator combines partial results with ``all_reduce_sum`` (sum of a tensor over ranks) or
-    ``gather`` (tensors concatenated in rank order, on every rank). ``num`` counts images over all ranks.
+    ``batches()`` yields (b, C, H, W) uint8 tensors; under ``torchrun`` the set's batches are dealt round robin
+    (batch k to rank k % world) and the evaluator combines partial results with ``all_reduce_sum`` (sum of a
+    tensor over ranks), ``gather_batches`` (a list of per-batch tensors, one per batch this rank pulled -> the
+    whole set's rows in one process's order, on every rank) or ``gather`` (tensors concatenated in rank order,
+    on every rank). ``num`` counts images over all ranks.
     A reference stream may carry ``statistics``: a stored file of reference statistics the user gave
     (``--reference X.npz``), to use instead of its images; ``key`` names the reference for caches.
     """
@@ -227,6 +235,7 @@ class ImageStream:
     statistics: "Path | None" = None
     all_reduce_sum: Callable[["Tensor"], "Tensor"] = lambda t: t
     gather: Callable[["Tensor"], "Tensor"] = lambda t: t
+    gather_batches: Callable[[list], "Tensor | None"] = lambda parts: _cat(parts)
     rank: int = 0
     world: int = 1
 

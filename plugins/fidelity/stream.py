@@ -4,7 +4,7 @@ Generated images arrive as an ``ImageStream`` (this rank's batches); each batch 
 extractor and only running sums stay: the count, the sum of features and the sum of their outer
 products, in float64, so the mean and covariance are exact whatever the number of images or ranks
 (the ranks' sums are added with ``stream.all_reduce_sum``). KID needs every feature (2048 floats an
-image: 400 MB for 50,000), gathered with ``stream.gather``. FID comes from torch-fidelity's
+image: 400 MB for 50,000), gathered in the set's order with ``stream.gather_batches``. FID comes from torch-fidelity's
 ``fid_statistics_to_metric``, KID from ``kid_features_to_metric``.
 
 Reference statistics are stored as .npz in pytorch-fid's layout (``mu``, ``sigma``; ADM's evaluator
@@ -95,9 +95,9 @@ def feature_pass(stream, extract: Extractor, keep: bool, progress: Callable[[int
     mu = s1 / n
     sigma = (s2 - n * torch.outer(mu, mu)) / (n - 1)  # the unbiased covariance, as numpy.cov
     features = None
-    if keep:
-        local = torch.cat(kept) if kept else torch.zeros(0, d)
-        features = stream.gather(local)
+    if keep:  # every rank: all features in one process's order, so KID's random subsets pick the same rows
+        features = stream.gather_batches(kept)
+        features = torch.zeros(0, d) if features is None else features
     return FeatureSet(n, mu.numpy(), sigma.numpy(), features, shape)
 
 
