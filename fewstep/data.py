@@ -63,7 +63,8 @@ class TensorSource(DataSource):
     def batches(self, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         x, y = getattr(self, "_on_device", None) or (self.x, self.y)
         for idx in index_stream(len(self.x), batch_size, seed, start_step, rank, world):
-            idx = idx.to(x.device)
+            # on a GPU the indices go through pinned memory: a copy from pageable memory may wait for the device
+            idx = idx.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else idx
             yield Batch(x[idx], None if y is None else y[idx])
 
     def reference_images(self, split: str = "train", limit: int | None = None) -> torch.Tensor:
