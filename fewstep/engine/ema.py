@@ -57,7 +57,7 @@ class EMA:
     def _const(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (value, dtype, str(device))
         if key not in self._consts:
-            self._consts[key] = torch.tensor(value, dtype=dtype, device=device)
+            self._consts[key] = torch.full((), value, dtype=dtype, device=device)  # a fill: no host-to-device copy
         return self._consts[key]
 
     @torch.no_grad()

@@ -44,6 +44,7 @@ _RESUMABLE_CHANGES = {("train", "steps"), ("train", "max_seconds"), ("train", "l
                       ("train", "loggers")}
 PREVIOUS = ".previous-run"  # where --force keeps the old run until the new one has written its first file
 MOVED = ".moved"  # marker in PREVIOUS: the whole old run is in there
+SETTLE_AT_MOST = 1000  # steps the host may leave unread when log_every is larger (bounds the ledger's memory)
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
 
 
@@ -493,7 +494,7 @@ class Trainer:
                     log_now = step % tr["log_every"] == 0 or step == stop_at
                     ckpt_now = bool(tr["checkpoint_every"]) and step % tr["checkpoint_every"] == 0 and step < stop_at
                     grid_now = bool(ev["every"]) and step % ev["every"] == 0 and step < stop_at
-                    if not on_device or log_now or ckpt_now or grid_now:
+                    if not on_device or log_now or ckpt_now or grid_now or len(ledger.pending) >= SETTLE_AT_MOST:
                         ledger.settle(last_ckpt)  # reads this window's flags and values (synchronises the device)
                     if log_now:
                         now = time.perf_counter()
