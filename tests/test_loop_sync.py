@@ -305,10 +305,9 @@ def test_an_in_memory_data_set_moves_to_the_device_only_when_it_fits_a_quarter_o
 def test_on_cuda_no_step_between_logs_synchronises(tmp_path, registry):
     """On a GPU every synchronisation is seen, C++ ones included: sync debug mode 'error' from the loss of a step
     that does not read the window until the next loss."""
-    registry.register_plugin(Probe, name="probe")
-    Probe.nan_at = set()
+    class Guard:
+        __name__ = "guard"
 
-    class Guard(Probe):
         @fewstep.hookimpl
         def register_objectives(register):
             def build(ctx, **opts):
