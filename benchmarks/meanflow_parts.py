@@ -48,10 +48,10 @@ def main() -> None:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import step_time
+    import inprocess
     from fewstep.interfaces import BuildContext, DataSpec
 
-    reg = step_time.registry()
+    reg = inprocess.registry()
     dev = torch.device("cuda")
     ctx = BuildContext(data=DataSpec((4, 32, 32), 1000), device=dev)
     torch.manual_seed(0)

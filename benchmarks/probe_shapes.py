@@ -1,5 +1,5 @@
 """What a new row count costs an eager DiT-B/2 forward (CPU launch time and wall time), before and after a
-torch.compile'd forward_jvp has run. Why step_time.py warms up for 30 steps (docs/benchmarks.md).
+torch.compile'd forward_jvp has run. Why `fewstep bench` warms up for 30 steps (docs/benchmarks.md).
 
     PYTHONPATH=$PWD python3 benchmarks/probe_shapes.py
 """
@@ -7,9 +7,9 @@ import statistics, sys, time
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-import step_time
+import inprocess
 from fewstep.interfaces import BuildContext, DataSpec
-reg = step_time.registry()
+reg = inprocess.registry()
 from fewstep_plugins.meanflow.jvp import backbone_jvp
 dev = torch.device("cuda")
 ctx = BuildContext(data=DataSpec((4, 32, 32), 1000), device=dev)

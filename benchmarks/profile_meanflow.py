@@ -11,10 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-import step_time  # noqa: E402
+import inprocess  # noqa: E402
 from fewstep.interfaces import Batch, BuildContext, DataSpec  # noqa: E402
 
-reg = step_time.registry()
+reg = inprocess.registry()
 from fewstep_plugins.meanflow import jvp as J  # noqa: E402 (after the registry maps the plugins/ folder)
 from fewstep_plugins.meanflow import objective as O  # noqa: E402
 
@@ -45,7 +45,7 @@ J._jvp = timed("  torch.func.jvp on the r != t rows", J._jvp)
 O.u_and_dudt = timed("u_and_dudt (JVP + u forward)", O.u_and_dudt)
 table = []
 for config in [a for a in sys.argv[1:] if a != "--trace"] or [""]:
-    overrides = step_time.parse_objective("meanflow" + (":" + config.replace(",", ":") if config else ""))[1]
+    overrides = inprocess.parse_objective("meanflow" + (":" + config.replace(",", ":") if config else ""))[1]
     torch.manual_seed(0)
     net = reg.get("backbone", "dit").build(ctx, **reg.get("backbone", "dit").options.resolve({"size": "B/2"})).to(dev)
     obj = reg.get("objective", "meanflow").build(ctx, **reg.get("objective", "meanflow").options.resolve(overrides))

@@ -16,6 +16,8 @@ steps excluded, median reported. Beside it:
   matmul (bf16 on CUDA, float32 on the CPU);
 * the full `fewstep train` step: the same recipe trained by the real Trainer (real data source, EMA, loggers,
   the finite check), its ms per step from metrics.jsonl over a window after the same warm-up.
+* for a backbone that can switch its attention (the DiT), a note saying whether forward-mode AD
+  (`torch.func.jvp`) runs through torch's fused SDPA on this device (what JVP objectives may use).
 
 `--sampling` times 1- and 2-NFE generation (noise -> sampler -> data.to_images, so latent recipes include the
 VAE decode) and the FID feature extractor (the `fid` evaluator's end-to-end feature pass).
@@ -273,9 +275,28 @@ def card_name(device) -> str:
 
 
 # -- the bare step ----------------------------------------------------------------------------------------------
+def fused_attention_jvp(net, spec, device) -> str:
+    """Whether forward-mode AD (torch.func.jvp) runs through torch's fused attention (SDPA) on this device, for a
+    backbone that can switch its attention (`set_attention`): "yes", or "no (the error)"; "" for other backbones.
+    Leaves the backbone on fused attention."""
+    import torch
+
+    if not hasattr(net, "set_attention"):
+        return ""
+    b = random_batch(spec, 2, device, seed=99)
+    t = torch.rand(2, device=device, generator=torch.Generator(device=device).manual_seed(99))
+    net.set_attention("fused")
+    try:
+        torch.func.jvp(lambda z: net(z, t, t, b.y, **b.cond), (b.x,), (torch.randn_like(b.x),))
+        return "yes"
+    except Exception as exc:  # noqa: BLE001 - the message is the measurement
+        return f"no ({type(exc).__name__}: {str(exc).splitlines()[0][:90] if str(exc) else ''})"
+
+
 def bare_step(recipe: Recipe, *, steps: int, warmup: int, device, registry: Any = None,
-              flop_steps: int = 2) -> StepRow:
-    """Median ms of loss + backward + optimizer step on random data, peak memory and FLOPs per step."""
+              flop_steps: int = 2, notes: list[str] | None = None) -> StepRow:
+    """Median ms of loss + backward + optimizer step on random data, peak memory and FLOPs per step. With `notes`
+    (a list) it also probes whether forward-mode AD runs through fused attention here, and appends the answer."""
     import torch
 
     from .build import build_components
@@ -320,6 +341,10 @@ def bare_step(recipe: Recipe, *, steps: int, warmup: int, device, registry: Any 
     row.images_per_s = tr["batch"] / (row.ms / 1e3)
     row.gflop_per_step = statistics.mean(flops) / 1e9
     row.tflops = row.gflop_per_step / row.ms  # 1e9 FLOP / 1e-3 s = 1e12 FLOP/s
+    if notes is not None:
+        answer = fused_attention_jvp(net, comps.data.spec, device)
+        if answer:
+            notes.append(f"forward-mode AD (torch.func.jvp) through torch's fused SDPA on this device: {answer}")
     del comps, net, model, opt, objective, batches
     if device.type == "cuda":
         torch._dynamo.reset()
@@ -437,7 +462,8 @@ def run_bench(recipe: Recipe, *, objectives: str, batch: int | None, steps: int,
             if progress:
                 progress(f"{label}: bare step")
             try:
-                row = bare_step(r, steps=steps, warmup=warmup, device=device, registry=registry)
+                row = bare_step(r, steps=steps, warmup=warmup, device=device, registry=registry,
+                                notes=report.notes if not report.rows else None)
             except torch.cuda.OutOfMemoryError:
                 row = StepRow(objective=label, error="out of memory")
                 torch._dynamo.reset()

@@ -146,6 +146,15 @@ class DataSource(abc.ABC):
         The global batch of step k is the same whatever `world` is; rank r gets its slice.
         """
 
+    def place(self, device: "torch.device") -> str:
+        """Called once by the trainer before the first batch: a source that holds its data in memory may move it
+        to the training device here (fewstep's TensorSource does when it takes at most a quarter of the free
+        device memory). Returns a line saying what moved ("" for nothing). Default: nothing.
+
+        `batches()` runs on a background thread from its second batch on (the trainer's prefetcher), so it must
+        draw its randomness from generators of its own, keyed by (seed, step), never from the global RNG."""
+        return ""
+
     def to_images(self, x: "Tensor") -> "Tensor":
         """Model-space samples -> images in [-1, 1], (B, C, H, W) (decode latents here)."""
         return x

@@ -75,6 +75,7 @@ def test_bench_command_on_cpu_writes_every_field(tmp_path):
         assert row["train_ms"] > 0 and row["train_over_bare"] == pytest.approx(row["train_ms"] / row["ms"])
         assert row["peak_gib"] is None  # CPU: no allocator statistics
     assert fm["x_fm_time"] == 1.0
+    assert sum("through torch's fused SDPA on this device: " in n for n in rep["notes"]) == 1  # the DiT's JVP probe
     # SoFlow runs more network passes than FM on the same batch (guidance and teacher forwards)
     assert so["gflop_per_step"] > fm["gflop_per_step"]
 

@@ -8,11 +8,31 @@ each the official one for its setting:
 - every = N > 1 (CIFAR recipes: 0.9999**16 every 16 steps; SoFlow train.py "CIFAR10 prefers a higher ema
   precision", py-meanflow models/ema.py update_ema_net): D = d**N, then e <- D e + (1 - D) w computed in
   float64 and stored back in float32.
+
+Both run as fused `torch._foreach_*` updates over all tensors at once (a few kernels per copy, not two per
+parameter), with the same operations in the same order as the per-parameter formulas above, so the result is
+the same number (tests/test_loop_sync.py). `update(..., ok=flag)` takes a 0-dim bool tensor on the weights'
+device: where it is False the copies stay exactly as they were (the decay becomes 1 and the weights' share 0),
+so the loop can skip a non-finite step without reading the flag on the host.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+_CHUNK = 1 << 25  # elements per foreach call where the update needs float64 or masked temporaries (256 MiB of f64)
+
+
+def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+    out, n = [], 0
+    for p in pairs:
+        out.append(p)
+        n += p[0].numel()
+        if n >= _CHUNK:
+            yield out
+            out, n = [], 0
+    if out:
+        yield out
 
 
 class EMA:
@@ -22,23 +42,81 @@ class EMA:
         self.shadows: list[dict[str, torch.Tensor]] = [
             {k: v.detach().clone().float() for k, v in model.state_dict().items()} for _ in self.decays
         ]
+        self._model_ref: tuple | None = None  # (id(model), its first parameter's address, its state tensors)
+        self._consts: dict[tuple, torch.Tensor] = {}
+
+    def _state(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """The model's state tensors (detached, sharing storage), cached: state_dict() per step costs host time."""
+        first = next(model.parameters(), None)
+        ptr = first.data_ptr() if first is not None else 0
+        ref = self._model_ref
+        if ref is None or ref[0] != id(model) or ref[1] != ptr:
+            self._model_ref = ref = (id(model), ptr, [(k, v.detach()) for k, v in model.state_dict().items()])
+        return ref[2]
+
+    def _const(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (value, dtype, str(device))
+        if key not in self._consts:
+            self._consts[key] = torch.full((), value, dtype=dtype, device=device)  # a fill: no host-to-device copy
+        return self._consts[key]
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
-        """Call after optimizer step number `step` (1-based count of finished steps)."""
+    def update(self, model: nn.Module, step: int, ok: torch.Tensor | None = None) -> None:
+        """Call after optimizer step number `step` (1-based count of finished steps). `ok`: None (the step was
+        applied) or a 0-dim bool tensor, False for a step the optimizer skipped (the copies then stay as they are)."""
         if step % self.every:
             return
-        state = model.state_dict()
+        state = self._state(model)
         for decay, shadow in zip(self.decays, self.shadows):
             d = decay ** self.every  # python float: float64 arithmetic
-            for k, v in state.items():
+            fl: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for k, v in state:
                 s = shadow[k]
                 if not v.dtype.is_floating_point:
-                    s.copy_(v)
-                elif self.every == 1:
-                    s.mul_(d).add_(v.detach().float(), alpha=1.0 - d)
+                    if ok is None:
+                        s.copy_(v)
+                    else:
+                        s.copy_(torch.where(ok, v, s))
                 else:
-                    s.copy_(d * s.double() + (1.0 - d) * v.detach().double())
+                    fl.append((s, v))
+            if not fl:
+                continue
+            if self.every == 1:
+                self._update_f32(fl, d, ok)
+            else:
+                self._update_f64(fl, d, ok)
+
+    def _update_f32(self, fl, d: float, ok) -> None:
+        """s <- s * d, then s <- s + (1 - d) * w: the kernels of s.mul_(d).add_(w, alpha=1 - d)."""
+        shadows = [s for s, _ in fl]
+        if ok is None:
+            vals = [v if v.dtype == torch.float32 else v.float() for _, v in fl]
+            torch._foreach_mul_(shadows, d)
+            torch._foreach_add_(shadows, vals, alpha=1.0 - d)
+            return
+        dev = shadows[0].device
+        d_t = torch.where(ok, self._const(d, torch.float32, dev), self._const(1.0, torch.float32, dev))
+        ok_t = ok.to(torch.float32)
+        torch._foreach_mul_(shadows, d_t)  # s * d (or s * 1 = s)
+        for part in _chunks(fl):
+            masked = torch._foreach_mul([v.float() for _, v in part], ok_t)  # w * 1 = w exactly (or 0)
+            torch._foreach_add_([s for s, _ in part], masked, alpha=1.0 - d)
+
+    def _update_f64(self, fl, d: float, ok) -> None:
+        """s <- float32(d * float64(s) + (1 - d) * float64(w))."""
+        for part in _chunks(fl):
+            s64 = [s.to(torch.float64, copy=True) for s, _ in part]
+            w64 = [v.to(torch.float64, copy=True) for _, v in part]  # a copy even of float64 weights
+            if ok is None:
+                torch._foreach_mul_(s64, d)
+                torch._foreach_mul_(w64, 1.0 - d)
+            else:
+                dev = s64[0].device
+                one, zero = self._const(1.0, torch.float64, dev), self._const(0.0, torch.float64, dev)
+                torch._foreach_mul_(s64, torch.where(ok, self._const(d, torch.float64, dev), one))
+                torch._foreach_mul_(w64, torch.where(ok, self._const(1.0 - d, torch.float64, dev), zero))
+            torch._foreach_add_(s64, w64)
+            torch._foreach_copy_([s for s, _ in part], s64)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (safetensors-friendly): 'ema{i}.{param}'."""

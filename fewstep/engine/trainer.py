@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_grads, broadcast_params, init_distributed
 from .ema import EMA
 from .lock import RunLock
+from .prefetch import Prefetcher
 
 # keys that may change between a run and its resumption
 _RESUMABLE_CHANGES = {("train", "steps"), ("train", "max_seconds"), ("train", "log_every"),
@@ -43,6 +44,7 @@ _RESUMABLE_CHANGES = {("train", "steps"), ("train", "max_seconds"), ("train", "l
                       ("train", "loggers")}
 PREVIOUS = ".previous-run"  # where --force keeps the old run until the new one has written its first file
 MOVED = ".moved"  # marker in PREVIOUS: the whole old run is in there
+SETTLE_AT_MOST = 1000  # steps the host may leave unread when log_every is larger (bounds the ledger's memory)
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGUSR1") if hasattr(signal, n))
 
 
@@ -144,6 +146,64 @@ class LoggerGroup:
         self.loggers = []
 
 
+class StepLedger:
+    """What each step did (finite or not, its loss and metrics), kept as device tensors and read on the host only
+    when `settle` is called: the loop calls it at the steps that log, checkpoint, sample or stop (every step when
+    the optimizer cannot skip a step on the device). Settling replays the steps in order as the loop used to at
+    each step: a non-finite step is counted and reported, `max_bad_steps` of them in a row stop the run
+    (TrainingDiverged, naming the step that made the run of bad steps long enough), and the finite steps' values
+    are summed in float32 in step order, as the device did, so the logged means are the same numbers."""
+
+    def __init__(self, max_bad_steps: int, skipped: int, console: Any = None):
+        self.max_bad_steps = max_bad_steps
+        self.console = console  # None: another rank, which reports nothing
+        self.skipped = skipped  # all skipped steps of the run (a resume carries them over)
+        self.bad_in_row = 0
+        self.steps_done = 0  # finite steps of this process
+        self.pending: list[tuple[int, Any, dict[str, Any]]] = []
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.window_n = 0
+        self.window_skipped = 0
+
+    def record(self, step: int, ok: Any, values: dict[str, Any]) -> None:
+        """Step `step` (1-based) ended; `ok`: bool or 0-dim bool tensor; `values`: tensors or floats."""
+        self.pending.append((step, ok, {k: v.detach() if torch.is_tensor(v) else v for k, v in values.items()}))
+
+    def settle(self, last_ckpt: str | None) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        tensors = [t for _, ok, vals in pending for t in (ok, *vals.values()) if torch.is_tensor(t)]
+        dev = tensors[0].device if tensors else None
+        host = iter(torch.stack([t.float().reshape(()).to(dev) for t in tensors]).cpu().numpy() if tensors else ())
+        for step, ok, vals in pending:  # the same order as `tensors`
+            ok = bool(next(host)) if torch.is_tensor(ok) else bool(ok)
+            vals = {k: next(host) if torch.is_tensor(v) else float(v) for k, v in vals.items()}
+            if not ok:
+                self.bad_in_row += 1
+                self.skipped += 1
+                self.window_skipped += 1
+                if self.console is not None:
+                    self.console.log(f"[yellow]step {step}: non-finite loss or gradient; step skipped "
+                                     f"({self.bad_in_row} in a row)")
+                if self.bad_in_row >= self.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"training stopped: {self.bad_in_row} non-finite steps in a row, the last at step {step}; "
+                        f"last good checkpoint: {last_ckpt or 'none (no checkpoint written yet)'}")
+            else:
+                self.bad_in_row = 0
+                self.steps_done += 1
+                self.window_n += 1
+                for k, v in vals.items():  # float32 values add in float32 (numpy's rules match torch's here)
+                    self.sums[k] = v if k not in self.sums else self.sums[k] + v
+
+    def means(self) -> dict[str, float]:
+        return {k: float(v) / self.window_n for k, v in self.sums.items()}
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 / a first Ctrl-C -> a flag the loop reads at each step boundary, where the run writes a
     checkpoint and stops (a second Ctrl-C stops at once). Handlers only on the main thread."""
@@ -172,8 +232,10 @@ class StopRequest:
 
 
 def make_optimizer(params, train: dict[str, Any], device: torch.device) -> torch.optim.Optimizer:
+    """The recipe's optimizer; Adam and AdamW use torch's fused kernel (CUDA and CPU), which also lets the loop skip
+    a non-finite step on the device (`found_inf`) instead of reading the loss on the host every step."""
     kw = dict(lr=train["lr"], betas=tuple(train["betas"]), eps=train["adam_eps"], weight_decay=train["weight_decay"])
-    if device.type == "cuda" and train["optimizer"] in ("adamw", "adam"):
+    if device.type in ("cuda", "cpu") and train["optimizer"] in ("adamw", "adam"):
         kw["fused"] = True
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "radam": torch.optim.RAdam}[train["optimizer"]]
     return cls(params, **kw)
@@ -373,24 +435,25 @@ class Trainer:
         total = tr["steps"]
         stop_at = min(total, until_step) if until_step is not None else total
         local_batch = info.local_batch(tr["batch"], tr["accum"])
-        batches = data.batches(local_batch, seed=tr["seed"], start_step=step, rank=info.rank, world=info.world)
+        placed = data.place(device) if hasattr(data, "place") else ""
+        if placed and info.is_main:
+            self.console.log(placed)
+        stream = data.batches(local_batch, seed=tr["seed"], start_step=step, rank=info.rank, world=info.world)
         autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if tr["precision"] == "bf16"
                     else contextlib.nullcontext())
         params = [p for p in net.parameters() if p.requires_grad]
         clip = tr["grad_clip"] if tr["grad_clip"] > 0 else float("inf")
         headline = getattr(objective, "headline_metric", "") or ""
-
-        window: dict[str, Any] = {}
-        window_n = 0
-        window_skipped = 0
-        bad_in_row = 0
+        # fused Adam/AdamW skip a step on the device (found_inf): the host reads the finite flags, losses and
+        # metrics only at the steps that log, checkpoint, sample or stop; other optimizers read them every step
+        on_device = bool(opt.defaults.get("fused"))
         last_ckpt = str(resume_from) if resume_from is not None else None
+        ledger = StepLedger(tr["max_bad_steps"], skipped, self.console if info.is_main else None)
         grids: list[Path] = []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t_start = time.perf_counter()
         t_window = t_start
-        steps_done_here = 0
         last_metrics: dict[str, float] = {}
         last_metrics_step = step
         start_step = step
@@ -398,54 +461,51 @@ class Trainer:
         progress = self._progress(total, headline) if (info.is_main and self.show_progress) else None
         task = (progress.add_task("train", total=total, completed=step, loss=float("nan"), head=float("nan"), sps=0.0)
                 if progress else None)
+        batches = Prefetcher(stream, device) if step < stop_at else None
         try:
             with progress if progress is not None else contextlib.nullcontext():
                 while step < stop_at:
-                    b = next(batches)
-                    batch = Batch(b.x.to(device, non_blocking=True), None if b.y is None else b.y.to(device, non_blocking=True),
-                                  {k: v.to(device, non_blocking=True) for k, v in b.cond.items()})
+                    batch = next(batches)
                     if tr["warmup_steps"] > 0:
                         for g in opt.param_groups:
                             g["lr"] = tr["lr"] * min(1.0, (step + 1) / tr["warmup_steps"])
                     loss, metrics = self._backward(model, objective, batch, step, autocast, manual_sync)
                     if manual_sync:
                         all_reduce_grads(params, info)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                    finite = bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))  # one sync per step
-                    if not finite:
-                        opt.zero_grad(set_to_none=True)
-                        bad_in_row += 1
-                        skipped += 1
-                        window_skipped += 1
-                        step += 1
-                        if info.is_main:
-                            self.console.log(f"[yellow]step {step}: non-finite loss or gradient; step skipped "
-                                             f"({bad_in_row} in a row)")
-                        if bad_in_row >= tr["max_bad_steps"]:
-                            raise TrainingDiverged(
-                                f"training stopped: {bad_in_row} non-finite steps in a row, the last at step {step}; "
-                                f"last good checkpoint: {last_ckpt or 'none (no checkpoint written yet)'}")
-                    else:
-                        bad_in_row = 0
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                    if clip != float("inf"):
+                        torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
+                    ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+                    values = {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}
+                    if on_device:  # the optimizer and the EMA skip a non-finite step themselves
+                        opt.found_inf = (~ok).float()
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                         step += 1
-                        steps_done_here += 1
-                        ema.update(net, step)
-                        window_n += 1
-                        for k, v in {"loss": loss.detach(), "grad_norm": grad_norm, **metrics}.items():
-                            val = v.detach().float() if torch.is_tensor(v) else float(v)  # no sync until logged
-                            window[k] = window.get(k, 0.0) + val
-                    if step % tr["log_every"] == 0 or step == stop_at:
+                        ema.update(net, step, ok=ok)
+                    else:
+                        ok = bool(ok)  # one host synchronisation per step
+                        if ok:
+                            opt.step()
+                            ema.update(net, step + 1)
+                        opt.zero_grad(set_to_none=True)
+                        step += 1
+                    ledger.record(step, ok, values)
+                    log_now = step % tr["log_every"] == 0 or step == stop_at
+                    ckpt_now = bool(tr["checkpoint_every"]) and step % tr["checkpoint_every"] == 0 and step < stop_at
+                    grid_now = bool(ev["every"]) and step % ev["every"] == 0 and step < stop_at
+                    if not on_device or log_now or ckpt_now or grid_now or len(ledger.pending) >= SETTLE_AT_MOST:
+                        ledger.settle(last_ckpt)  # reads this window's flags and values (synchronises the device)
+                    if log_now:
                         now = time.perf_counter()
-                        sps = (window_n + window_skipped) / max(now - t_window, 1e-9)
+                        sps = (ledger.window_n + ledger.window_skipped) / max(now - t_window, 1e-9)
                         rec: dict[str, Any] = {}
-                        if window_n:
-                            last_metrics = {k: float(v) / window_n for k, v in window.items()}
+                        if ledger.window_n:
+                            last_metrics = ledger.means()
                             last_metrics_step = step
                             rec.update(last_metrics)
-                        rec.update({"steps_per_s": sps, "lr": opt.param_groups[0]["lr"], "skipped_steps": skipped,
-                                    "skipped_in_window": window_skipped, "time": now - t_start})
+                        rec.update({"steps_per_s": sps, "lr": opt.param_groups[0]["lr"], "skipped_steps": ledger.skipped,
+                                    "skipped_in_window": ledger.window_skipped, "time": now - t_start})
                         if info.is_main:
                             loggers.log_scalars(step, rec)
                             if progress is not None:
@@ -455,16 +515,18 @@ class Trainer:
                                     shown = f" {headline} {rec[headline]:.4g}" if headline in rec else ""
                                     self.console.log(f"step {step}/{total} loss {rec.get('loss', float('nan')):.4f}"
                                                      f"{shown} {sps:.1f} steps/s")
-                        window, window_n, window_skipped, t_window = {}, 0, 0, now
+                        ledger.new_window()
+                        t_window = now
                     elif progress is not None:
                         progress.update(task, completed=step)
 
-                    if tr["checkpoint_every"] and step % tr["checkpoint_every"] == 0 and step < stop_at and not bad_in_row:
-                        last_ckpt = str(self._checkpoint(step, net, ema, opt, skipped))
-                    if ev["every"] and step % ev["every"] == 0 and step < stop_at:
+                    if ckpt_now and not ledger.bad_in_row:
+                        last_ckpt = str(self._checkpoint(step, net, ema, opt, ledger.skipped))
+                    if grid_now:
                         grids += self._grids(step, objective, sampler, ema, ema_net, data, loggers)
                     if self._stop_requested(stop):
-                        path = self._checkpoint(step, net, ema, opt, skipped)
+                        ledger.settle(last_ckpt)
+                        path = self._checkpoint(step, net, ema, opt, ledger.skipped)
                         name = signal.Signals(stop.signum).name if stop.signum else "a signal"
                         raise Preempted(f"stopped by {name} at step {step}; checkpoint {path} written; continue with "
                                         f"--resume", stop.signum or signal.SIGTERM)
@@ -472,15 +534,20 @@ class Trainer:
                         if info.is_main:
                             self.console.log(f"wall-clock budget of {tr['max_seconds']} s reached at step {step}")
                         break
+                ledger.settle(last_ckpt)
         except KeyboardInterrupt:
             if info.is_main:
                 self.console.log(f"[red]interrupted at step {step}; resume with --resume from {last_ckpt or 'the start'}")
-            loggers.finish({"step": step, "status": "interrupted", "skipped_steps": skipped})
+            loggers.finish({"step": step, "status": "interrupted", "skipped_steps": ledger.skipped})
             raise
         except Preempted as exc:
-            loggers.finish({"step": step, "status": f"preempted: {exc}", "skipped_steps": skipped})
+            loggers.finish({"step": step, "status": f"preempted: {exc}", "skipped_steps": ledger.skipped})
             raise
+        finally:
+            if batches is not None:
+                batches.close()
         wall = time.perf_counter() - t_start
+        skipped, steps_done_here = ledger.skipped, ledger.steps_done
         if not (resume_from is not None and step == start_step):  # a resume with nothing left to do writes nothing new
             self._checkpoint(step, net, ema, opt, skipped)
         if self.final_grids:

@@ -33,6 +33,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The draws (CPU) to the images' device without the host waiting: pinned memory and a non-blocking copy on CUDA."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
 SCALE_STD = 0.2  # log2 std of the isotropic scale
 ANISO_STD = 0.2  # log2 std of the anisotropic scale
 ANISO_ROTATE_PROB = 0.5  # chance that the anisotropic axis is rotated by r ~ U(-pi, pi) (else r = 0)
@@ -157,21 +164,21 @@ class AugmentPipe:
         """Augment (N, C, H, W) float images with the choices `d` (rows of `d` match rows of `images`)."""
         dev = images.device
         x = images
-        fx = d.xflip.to(dev).bool()[:, None, None, None]
-        fy = d.yflip.to(dev).bool()[:, None, None, None]
+        fx = _to(d.xflip, dev).bool()[:, None, None, None]
+        fy = _to(d.yflip, dev).bool()[:, None, None, None]
         x = torch.where(fx, x.flip(3), x)
         x = torch.where(fy, x.flip(2), x)
         A, t = inverse_affine(d, x.shape[-2], x.shape[-1])  # output pixel -> input pixel, per image
         moved = ~(torch.all(A == torch.eye(2), dim=(1, 2)) & torch.all(t == 0, dim=1))
         if moved.any():  # only the images that a geometric transform touches are resampled
-            rows = moved.nonzero().squeeze(1).to(dev)
-            warped = warp(x.index_select(0, rows), A[moved].to(dev), t[moved].to(dev))
+            rows = _to(moved.nonzero().squeeze(1), dev)
+            warped = warp(x.index_select(0, rows), _to(A[moved], dev), _to(t[moved], dev))
             x = x.index_copy(0, rows, warped.to(x.dtype))
         return x
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.draw(len(images), generator)
-        return self.apply(images, d), self.labels(d).to(images.device)
+        return self.apply(images, d), _to(self.labels(d), images.device)
 
 
 def _rot(a: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from fewstep.api import Batch, BuildContext, DataError, DataSpec, index_stream
 
 from .files import (atomic_write, cache_root, decode_many, list_class_folders, main_process_first, progress_bar,
-                    read_tar_tree, signature, stat_signature)
+                    read_tar_tree, signature, stat_signature, to_device)
 from .source import PixelSource, make_augment_pipe, rank_batches, reference_order
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -220,7 +220,7 @@ class Cifar10(PixelSource):
     def batches(self, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         step = start_step
         for idx in index_stream(len(self.images), batch_size, seed, start_step, rank, world):
-            idx = idx.to(self.device)
+            idx = to_device(idx, self.device)
             x = self.images[idx].float() / 127.5 - 1  # (B, 3, 32, 32) in [-1, 1], as ToTensor + Normalize(0.5, 0.5)
             x, cond = self._finish(x, seed, step, rank, world)
             yield Batch(x, self.labels[idx] if self.conditional else None, cond)

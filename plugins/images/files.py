@@ -255,6 +255,15 @@ def progress_bar(description: str, total: int, enabled: bool = True, min_total: 
 
 # -- per-step random draws: a function of (seed, step) only --------------------------------------------
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor to `device` without the host waiting: through pinned memory with a non-blocking copy on CUDA
+    (a copy from pageable memory may wait for the work already queued on the device). The same values."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def step_generator(seed: int, step: int, stream: str) -> torch.Generator:
     """A CPU generator for the random choices of global step `step` (flips, augmentations, latent noise):
     the same for any world size and any resume point."""

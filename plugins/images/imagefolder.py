@@ -20,7 +20,7 @@ from fewstep.api import Batch, BuildContext, DataError, DataSpec, index_stream
 
 from .crop import adm_center_crop
 from .files import (FileList, _examples, atomic_write, cache_root, list_class_folders, main_process_first, open_rgb,
-                    progress_bar, signature)
+                    progress_bar, signature, to_device)
 from .source import PixelSource, make_augment_pipe, rank_batches, reference_order
 
 SCAN_VERSION = 1
@@ -220,7 +220,7 @@ class ImageFolder(PixelSource):
         for x, idx, _ in self._stream(_StepIndices(len(self.items), batch_size, seed, start_step, rank, world)):
             x = x.to(self.device, non_blocking=True).float() / 127.5 - 1  # flips and augmentation on the device
             x, cond = self._finish(x, seed, step, rank, world)
-            yield Batch(x, self.labels[idx].to(self.device) if self.conditional else None, cond)
+            yield Batch(x, to_device(self.labels[idx], self.device) if self.conditional else None, cond)
             step += 1
 
     def reference_batches(self, split: str = "train", batch_size: int = 256, limit: int | None = None,

@@ -6,7 +6,7 @@ import torch
 from fewstep.api import DataSource, epoch_permutation
 
 from .augment import AugmentDraw, AugmentPipe
-from .files import step_generator
+from .files import step_generator, to_device
 
 
 def make_augment_pipe(*, augment: float, augment_xflip: float, augment_yflip: float, augment_scale: float,
@@ -58,11 +58,11 @@ class PixelSource(DataSource):
         b = len(x)
         rows = slice(rank * b, (rank + 1) * b)
         if self.flip:
-            coins = flip_coins(seed, step, b * world)[rows].to(x.device)
+            coins = to_device(flip_coins(seed, step, b * world)[rows], x.device)
             x = torch.where(coins[:, None, None, None], x.flip(3), x)
         cond = {}
         if self.pipe is not None:
             d = augment_draws(self.pipe, seed, step, b * world)[rows]
             x = self.pipe.apply(x, d)
-            cond["augment_labels"] = self.pipe.labels(d).to(x.device)
+            cond["augment_labels"] = to_device(self.pipe.labels(d), x.device)
         return x, cond
