@@ -27,11 +27,13 @@ def check_spec(spec: DataSpec | None) -> None:
     """A named error unless `spec` is (or may be) scikit-learn's class-conditional digits."""
     if spec is None:
         return
-    if tuple(spec.shape) != SHAPE or spec.num_classes != CLASSES or (spec.name and spec.name != "digits"):
+    digits = tuple(spec.shape) == SHAPE and spec.name in ("", "digits")
+    if not digits or spec.num_classes != CLASSES:
+        fix = ("set data.conditional = true (the classes asked for are what it checks)" if digits else
+               "drop it from eval.after_train / eval.metrics (it only knows these digits)")
         raise DataError(f"evaluator digits-accuracy classifies scikit-learn's 8x8 digits: it needs the class-conditional "
                         f"`digits` data source (shape {SHAPE}, {CLASSES} classes), got data {spec.name or '(unnamed)'!r} "
-                        f"of shape {tuple(spec.shape)} with {spec.num_classes} classes; drop it from eval.after_train / "
-                        f"eval.metrics, or set data.conditional = true")
+                        f"of shape {tuple(spec.shape)} with {spec.num_classes} classes; {fix}")
 
 
 class DigitsAccuracy(Evaluator):
