@@ -99,7 +99,8 @@ def build_components(recipe: Recipe, device: Any = "cpu", registry: Registry | N
 
 def check_components(recipe: Recipe, registry: Registry | None = None) -> dict[str, Any]:
     """What `fewstep check` verifies beyond the recipe's values: every component builds, and the backbone
-    (built on the meta device: no memory, no time) maps one sample of the data's shape to that shape.
+    (built on the meta device: no memory, no time) maps one sample of the data's shape to that shape, and the
+    evaluators of eval.after_train accept the data.
 
     Returns facts for the report: data shape and classes, parameter count.
     """
@@ -139,6 +140,10 @@ def check_components(recipe: Recipe, registry: Registry | None = None) -> dict[s
     if out is not None and tuple(out.shape) != tuple(x.shape):
         raise BuildError(f"{recipe.source}: [backbone] {recipe.backbone.name!r} maps data of shape {tuple(x.shape[1:])} "
                          f"to {tuple(out.shape[1:])}; a backbone must return the shape of its input")
+    if recipe.eval["after_train"]:  # train builds them before its first step; check reports what train would
+        from .evaluation import build_evaluators
+
+        build_evaluators(recipe.eval["after_train"], recipe_eval=recipe.eval, registry=reg, ctx=ctx)
     return {"shape": tuple(spec.shape), "classes": spec.num_classes,
             "parameters": sum(p.numel() for p in net.parameters())}
 

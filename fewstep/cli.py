@@ -117,6 +117,11 @@ def train(
                 t.add_row(k, f"{v:.4g}")
         for g in res.grids[-len(r.eval["nfe"]):]:
             t.add_row("grid", str(g))
+        for n, metrics in res.evaluation.items():  # eval.after_train
+            for k, v in metrics.items():
+                t.add_row(f"{k} (nfe {n}, {r.eval['num_samples']} samples)", f"{v:.4g}")
+        if res.evaluation:
+            t.add_row("evaluation", str(run_dir / "eval_after_train.json"))
         console.print(t)
 
 

@@ -160,7 +160,7 @@ def probe_ms_per_step(recipe: Recipe, scratch: Path, console: Any, registry: Reg
 
     d = copy.deepcopy(recipe.to_dict())
     d["train"].update(steps=PROBE_STEPS, log_every=PROBE_STEPS // 2, checkpoint_every=0, max_seconds=0.0)
-    d["eval"].update(every=0, grid=1, nfe=[1])
+    d["eval"].update(every=0, grid=1, nfe=[1], after_train=[])
     probe = recipe_from_dict(d, recipe.source, registry)
     Trainer(probe, scratch, force=True, console=console, show_progress=False, registry=registry).run()
     last = json.loads((scratch / "metrics.jsonl").read_text().splitlines()[-1])

@@ -70,9 +70,10 @@ def parse_options(items: Iterable[str]) -> dict[str, Any]:
 
 
 def build_evaluators(names: Sequence[str], options: dict[str, Any] | None = None, recipe_eval: dict[str, Any] | None = None,
-                     registry: Registry | None = None) -> dict[str, Evaluator]:
+                     registry: Registry | None = None, ctx: BuildContext | None = None) -> dict[str, Evaluator]:
     """Build the named evaluators. Each receives the options it declares, from `options`
-    (command line) or, failing that, from same-named keys of the recipe's [eval] table."""
+    (command line) or, failing that, from same-named keys of the recipe's [eval] table.
+    `ctx`: what the evaluators may check at build time (``ctx.data``: the spec of the run's data), else empty."""
     reg = registry or get_registry()
     options = dict(options or {})
     specs = [reg.get("evaluator", n) for n in names]
@@ -86,7 +87,7 @@ def build_evaluators(names: Sequence[str], options: dict[str, Any] | None = None
         mine = {k: v for k, v in (recipe_eval or {}).items() if k in spec.options.names}
         mine.update({k: v for k, v in options.items() if k in spec.options.names})
         try:
-            out[spec.name] = spec.build(BuildContext(), **spec.options.resolve(mine))
+            out[spec.name] = spec.build(ctx or BuildContext(), **spec.options.resolve(mine))
         except (RegistryError, UserError):
             raise
         except Exception as exc:  # noqa: BLE001 - say which evaluator could not be built, and why
@@ -302,7 +303,8 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
     """Sample `settings.num` images per NFE from the loaded network and run every evaluator.
 
     Streaming evaluators pull generated batches as they are sampled (sampling runs inside their feature
-    pass); the others get uint8 (N, C, H, W) images or, with ``inputs == "samples"``, the float samples.
+    pass); the others get uint8 (N, C, H, W) images or, with ``inputs == "samples"``, the float samples,
+    and ``labels=``: the (N,) int64 classes the samples were asked for, row for row (None: unconditional data).
     `progress` is a rich Progress (or None); only rank 0 shows it.
     """
     import torch
@@ -342,11 +344,16 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
             if streaming and task is not None:
                 progress.reset(task)
             ts = time.perf_counter()
-            parts = [x for x, _ in generated_batches(loaded, settings.num, nfe, settings.seed, settings.batch, dist, advance)]
+            drawn = list(generated_batches(loaded, settings.num, nfe, settings.seed, settings.batch, dist, advance))
+            parts = [x for x, _ in drawn]
             per_row = int(parts[0][0].numel()) if parts else 1  # what to_images returns (pixels, for latent data)
             _in_memory(settings.num * per_row, f"evaluators {sorted(whole)}")
             samples = dist.gather_batches(parts)  # every rank: all `num` samples, in the order one process has them
             samples = torch.zeros((0, *shape)) if samples is None else samples
+            labels = None  # the classes asked for, in the rows' order (gathered like the samples)
+            if data.spec.num_classes > 0:
+                labels = dist.gather_batches([y for _, y in drawn])
+                labels = torch.zeros(0, dtype=torch.long) if labels is None else labels
             sampled[0] = time.perf_counter() - ts
             images = None
             for name, ev in whole.items():
@@ -355,7 +362,7 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
                     gen, ref = images, to_uint8(reference.samples)
                 else:
                     gen, ref = samples, reference.samples
-                metrics.update(ev.evaluate(gen, ref, **info))
+                metrics.update(ev.evaluate(gen, ref, labels=labels, **info))
         t1 = time.perf_counter()
         # streaming: sampling runs inside the evaluators' feature pass, so its seconds hold both
         out.append(NfeResult(int(nfe), metrics, t1 - t0 if streaming else sampled[0], 0.0 if streaming else t1 - t0 - sampled[0]))
@@ -413,11 +420,17 @@ def evaluate_run(run_dir: Path, nfes: Sequence[int], settings: EvalSettings, opt
     from .runs import load_model
 
     loaded = load_model(run_dir, ema_index=ema_index, registry=registry, device=device)
-    evaluators = build_evaluators(settings.metrics, options, loaded.recipe.eval, registry)
+    evaluators = build_evaluators(settings.metrics, options, loaded.recipe.eval, registry, BuildContext(data=loaded.data.spec))
+    return evaluate_built(Path(run_dir), loaded, nfes, evaluators, settings, ema_index, progress, dist)
+
+
+def evaluate_built(run_dir: Path, loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator], settings: EvalSettings,
+                   ema_index: int = 0, progress: Any = None, dist: Dist | None = None) -> RunEvaluation:
+    """`fewstep eval`'s protocol on a loaded run whose evaluators are built (also `eval.after_train`)."""
     reference = reference_of(loaded, settings.ref_split, settings.ref_num or settings.num, settings.reference)
     t0 = time.perf_counter()
     results = evaluate_loaded(loaded, nfes, evaluators, settings, reference, progress, dist=dist)
-    return RunEvaluation(Path(run_dir), loaded.checkpoint, checkpoint_step(loaded.checkpoint), results,
+    return RunEvaluation(run_dir, loaded.checkpoint, checkpoint_step(loaded.checkpoint), results,
                          protocol(loaded, settings, evaluators, ema_index, reference), time.perf_counter() - t0)
 
 

@@ -271,7 +271,8 @@ class Evaluator(abc.ABC):
     def evaluate(self, generated: "Tensor", reference: "Tensor", **info: Any) -> dict[str, float]:
         """Metrics of `generated` against `reference`.
 
-        `info` carries what the caller knows and an evaluator may use: nfe, num_samples, and for
-        evaluators that query the model itself, objective, net (EMA weights, eval mode), sampler,
-        data and device.
+        `info` carries what the caller knows and an evaluator may use: nfe, num_samples, labels (the
+        (N,) int64 classes the generated samples were asked for, row for row; None for unconditional
+        data), and for evaluators that query the model itself, objective, net (EMA weights, eval mode),
+        sampler, data and device.
         """

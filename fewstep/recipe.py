@@ -72,6 +72,8 @@ EVAL_OPTIONS = OptionSet([
     Option("grid", int, 64, "images per sample grid", ge=1),
     Option("seed", int, 0, "seed of the fixed noise and labels used for grids and metrics", ge=0, le=2**32 - 1),
     Option("metrics", str, [], "evaluator names run by `fewstep eval` and `compare`", is_list=True),
+    Option("after_train", str, [], "evaluator names `fewstep train` runs on the final EMA weights at every NFE "
+           "(num_samples each); printed and written to RUN/eval_after_train.json", is_list=True),
     Option("num_samples", int, 10000, "samples per metric evaluation", ge=1),
     Option("batch", int, 256, "sampling batch size", ge=1),
 ])
@@ -318,12 +320,13 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
             raise RecipeError(where("loggers", lname), f"loggers.{lname}", f"configures logger {lname!r}, which "
                               f"train.loggers does not list ({resolved['train']['loggers']}); add it there or drop the table",
                               nearest(lname, resolved["train"]["loggers"]))
-    unknown_metrics = [m for m in resolved["eval"]["metrics"] if m not in registry.names("evaluator")]
-    if unknown_metrics:
-        m = unknown_metrics[0]
-        why = registry.withheld("evaluator", m)
-        raise RecipeError(where("eval", "metrics"), "eval.metrics", why or registry.not_found("evaluator", m).split(
-            "; did you mean")[0], None if why else nearest(m, registry.names("evaluator")))
+    for key in ("metrics", "after_train"):
+        unknown_metrics = [m for m in resolved["eval"][key] if m not in registry.names("evaluator")]
+        if unknown_metrics:
+            m = unknown_metrics[0]
+            why = registry.withheld("evaluator", m)
+            raise RecipeError(where("eval", key), f"eval.{key}", why or registry.not_found("evaluator", m).split(
+                "; did you mean")[0], None if why else nearest(m, registry.names("evaluator")))
     return Recipe(name=str(name), source=source, description=str(data.get("description", "")), **components,
                   train=resolved["train"], eval=resolved["eval"], loggers=loggers)
 

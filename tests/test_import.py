@@ -94,14 +94,14 @@ def perturbed(net, seed):
 def test_exported_then_imported_soflow_dit_gives_identical_outputs(tmp_path):
     from fewstep.build import build_components
 
-    recipe = load_recipe(RECIPES / "quickstart_soflow.toml")
+    recipe = load_recipe(RECIPES / "quickstart.toml")
     net = build_components(recipe).net
     raw, ema = perturbed(net, 1), perturbed(net, 2)
     ckpt = tmp_path / "ckpts" / "1200.pt"
     ckpt.parent.mkdir()
     torch.save({"model": L.fewstep_to_soflow(raw, image_size=8), "ema_model": L.fewstep_to_soflow(ema, image_size=8),
                 "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}}, ckpt)
-    res = cli("import", "soflow", ckpt, "--recipe", RECIPES / "quickstart_soflow.toml", "--out", tmp_path / "run")
+    res = cli("import", "soflow", ckpt, "--recipe", RECIPES / "quickstart.toml", "--out", tmp_path / "run")
     assert res.exit_code == 0, res.output
     x, t, s = torch.randn(4, 1, 8, 8), torch.tensor([1.0, 0.7, 0.5, 0.2]), torch.tensor([0.0, 0.1, 0.5, 0.0])
     y = torch.tensor([0, 3, 9, 10])
@@ -123,18 +123,18 @@ def test_exported_then_imported_soflow_dit_gives_identical_outputs(tmp_path):
 def test_importing_a_checkpoint_with_missing_or_extra_keys_names_them(tmp_path):
     from fewstep.build import build_components
 
-    recipe = load_recipe(RECIPES / "quickstart_soflow.toml")
+    recipe = load_recipe(RECIPES / "quickstart.toml")
     sd = L.fewstep_to_soflow(build_components(recipe).net.state_dict(), image_size=8)
     del sd["network.final_layer.linear.bias"]
     sd["network.blocks.9.attn.qkv.weight"] = torch.zeros(3)
     torch.save({"model": sd, "ema_model": sd}, tmp_path / "bad.pt")
-    res = cli("import", "soflow", tmp_path / "bad.pt", "--recipe", RECIPES / "quickstart_soflow.toml", "--out", tmp_path / "run")
+    res = cli("import", "soflow", tmp_path / "bad.pt", "--recipe", RECIPES / "quickstart.toml", "--out", tmp_path / "run")
     assert res.exit_code == 2, res.output
     out = " ".join(res.output.split())
     assert "final_layer.linear.bias" in out and "blocks.9.attn.qkv.weight" in out and "Traceback" not in out
     assert not (tmp_path / "run").exists()
     torch.save({"weights": sd}, tmp_path / "other.pt")  # not a SoFlow checkpoint at all
-    res = cli("import", "soflow", tmp_path / "other.pt", "--recipe", RECIPES / "quickstart_soflow.toml", "--out", tmp_path / "run")
+    res = cli("import", "soflow", tmp_path / "other.pt", "--recipe", RECIPES / "quickstart.toml", "--out", tmp_path / "run")
     assert res.exit_code == 2 and "'model'" in res.output
 
 
@@ -148,7 +148,7 @@ def test_a_checkpoint_that_needs_unpickling_code_is_refused_and_nothing_runs(tmp
     marker.unlink(missing_ok=True)
     torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pt")
     marker.unlink(missing_ok=True)  # torch.save itself does not run __reduce__'s result, but be sure
-    res = cli("import", "soflow", tmp_path / "evil.pt", "--recipe", RECIPES / "quickstart_soflow.toml", "--out", tmp_path / "run")
+    res = cli("import", "soflow", tmp_path / "evil.pt", "--recipe", RECIPES / "quickstart.toml", "--out", tmp_path / "run")
     assert res.exit_code == 2 and "nothing in it was executed" in " ".join(res.output.split())
     assert not marker.exists()
 

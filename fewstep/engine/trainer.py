@@ -9,6 +9,9 @@ rank 0 alone writes. What the loop promises (docs/reliability.md):
 - `--resume` needs a checkpoint, continues bit-identically from the newest complete one, and drops the
   metrics lines logged after it;
 - SIGTERM / SIGUSR1 write a checkpoint at the next step boundary and stop (:class:`Preempted`).
+
+At the end, rank 0 writes the sample grids and runs the evaluators of ``eval.after_train`` on the final EMA
+weights (the protocol of ``fewstep eval``), into RUN/eval_after_train.json.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ class TrainResult:
     final_metrics_step: int = 0  # the step the final metrics were logged at (the last finite window)
     headline: str = ""  # the objective's headline metric (a key of final_metrics)
     logger_failures: list[str] = field(default_factory=list)  # loggers that raised and were switched off
+    evaluation: dict[int, dict[str, float]] = field(default_factory=dict)  # eval.after_train: nfe -> metrics
 
 
 def _diff_recipes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -245,13 +249,15 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False,
                  console: Any = None, show_progress: bool = True, registry: Any = None, dist_info: DistInfo | None = None,
                  final_grids: bool = True):
+        """`final_grids` False: no sample grids and no `eval.after_train` evaluation at the end (`fewstep bench`
+        times the loop only)."""
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.force = force
         self.registry = registry
         self.show_progress = show_progress
-        self.final_grids = final_grids  # False: no sample grids at the end (`fewstep bench` times the loop only)
+        self.final_grids = final_grids
         self.info = dist_info or init_distributed(recipe.train["device"])
         if console is None:
             from rich.console import Console
@@ -260,6 +266,7 @@ class Trainer:
         self.console = console
         self._lock: RunLock | None = None
         self._stop_group = None
+        self._after: dict[str, Any] = {}  # eval.after_train's evaluators, built before the first step (rank 0)
 
     # -- the run folder ---------------------------------------------------------------------
     def _inspect_folder(self) -> Path | None:
@@ -367,6 +374,11 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         comps = build_components(self.recipe, device=info.device, registry=self.registry)
+        try:  # a misconfigured evaluator stops the run before it trains, not after
+            self._after = self._build_after_train(comps.data) if info.is_main and self.final_grids else {}
+        except BaseException:
+            self._release()
+            raise
         loggers = LoggerGroup.build(self.recipe, self.registry, self.console) if info.is_main else LoggerGroup([], self.console)
         try:
             if info.is_main:
@@ -550,15 +562,19 @@ class Trainer:
         skipped, steps_done_here = ledger.skipped, ledger.steps_done
         if not (resume_from is not None and step == start_step):  # a resume with nothing left to do writes nothing new
             self._checkpoint(step, net, ema, opt, skipped)
+        evaluation: dict[int, dict[str, float]] = {}
         if self.final_grids:
             grids += self._grids(step, objective, sampler, ema, ema_net, data, loggers)
+            if self._after:
+                evaluation = self._evaluate_after_train(objective, sampler, ema, ema_net, data)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
         res = TrainResult(self.run_dir, step, wall, 1000 * wall / max(steps_done_here, 1), peak, skipped,
-                          num_params, last_metrics, grids, last_metrics_step, headline)
+                          num_params, last_metrics, grids, last_metrics_step, headline, evaluation=evaluation)
         loggers.finish({"step": step, "status": "finished", "wall_seconds": wall, "ms_per_step": res.ms_per_step,
                         "skipped_steps": skipped, "parameters": num_params,
                         **({"peak_memory_mb": peak} if device.type == "cuda" else {}),
-                        **{f"final/{k}": v for k, v in last_metrics.items()}})
+                        **{f"final/{k}": v for k, v in last_metrics.items()},
+                        **{f"eval/nfe{n}/{k}": v for n, m in evaluation.items() for k, v in m.items()}})
         res.logger_failures = list(loggers.failures)
         return res
 
@@ -629,6 +645,38 @@ class Trainer:
                                         keep=self.recipe.train["keep_checkpoints"])
         self.info.barrier()
         return path
+
+    def _build_after_train(self, data) -> dict[str, Any]:
+        from ..evaluation import build_evaluators
+        from ..interfaces import BuildContext
+
+        names = self.recipe.eval["after_train"]
+        if not names:
+            return {}
+        return build_evaluators(names, recipe_eval=self.recipe.eval, registry=self.registry,
+                                ctx=BuildContext(data=data.spec, train_steps=self.recipe.train["steps"],
+                                                 seed=self.recipe.train["seed"]))
+
+    def _evaluate_after_train(self, objective, sampler, ema: EMA, ema_net, data) -> dict[int, dict[str, float]]:
+        """eval.after_train on rank 0: `fewstep eval`'s protocol on EMA copy 0 of the final checkpoint, every
+        eval.nfe, eval.num_samples samples each; RUN/eval_after_train.json has eval.json's layout."""
+        from ..evaluation import Dist, EvalSettings, evaluate_built
+        from ..report import write_json
+        from ..runs import LoadedRun
+
+        ev = self.recipe.eval
+        ema.copy_to(ema_net, 0)
+        latest = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
+        loaded = LoadedRun(self.recipe, ema_net, objective, sampler, data, self.info.device, latest, 0)
+        settings = EvalSettings(metrics=list(ev["after_train"]), num=ev["num_samples"], seed=ev["seed"], batch=ev["batch"])
+        result = evaluate_built(self.run_dir, loaded, ev["nfe"], self._after, settings, 0, None, Dist())
+        path = self.run_dir / "eval_after_train.json"
+        write_json(path, result.to_dict())
+        for r in result.results:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
+            self.console.log(f"after training, nfe={r.nfe}, {settings.num} samples: {shown}")
+        self.console.log(f"wrote {path} ({result.seconds:.1f} s)")
+        return {r.nfe: dict(r.metrics) for r in result.results}
 
     def _grids(self, step: int, objective, sampler, ema: EMA, ema_net, data, loggers=None) -> list[Path]:
         if not self.info.is_main:
