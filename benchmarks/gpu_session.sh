@@ -2,7 +2,7 @@
 # Every GPU figure the open issues ask for, in one device call, in priority order; each phase's output goes to $OUT
 # (the JSON of each `fewstep bench`, the text of every command, log.txt with the seconds at which each phase ended).
 #
-#   bash benchmarks/gpu_session.sh prepare     # here: fill .gpu/ (ignored by git; about 58 MB)
+#   SHARED=DIR bash benchmarks/gpu_session.sh prepare   # here: fill .gpu/ (ignored by git; about 58 MB)
 #   bash benchmarks/gpu_session.sh             # on the GPU machine, from the repository root, with .gpu/ beside it
 #   SMALL=1 PY=python FEWSTEP_INCEPTION_WEIGHTS=... OUT=/tmp/out bash benchmarks/gpu_session.sh   # a CPU rehearsal
 #
@@ -15,7 +15,7 @@
 # on 2 pinned CPU cores runs beside them.
 set -u
 if [ "${1:-}" = prepare ]; then
-  SHARED=${SHARED:-../shared}
+  SHARED=${SHARED:?set SHARED to the folder holding data/cifar10/*.tar.gz and weights/inception-2015-12-05-fp16.torchscript.pt}
   mkdir -p .gpu/whl .gpu/cifar10
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 -d .gpu/whl torch_fidelity==0.4.0 tomli_w importlib_metadata diffusers==0.42.1 || exit 1
