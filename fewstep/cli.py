@@ -165,10 +165,12 @@ def sample(
             task = prog.add_task(f"sampling nfe={nfe}", total=num)
             parts = [(to_uint8(x).permute(0, 2, 3, 1).contiguous(), y) for x, y in
                      generated_batches(loaded, num, nfe, seed, batch, dist, lambda n: prog.advance(task, n * dist.world))]
-        images = dist.gather(torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.uint8))
+        # rank 0 alone holds the whole set (50,000 x 256 x 256 x 3 bytes = 9.8 GB): the others send and stop
+        images = dist.gather(torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.uint8), main_only=True)
         labels = None
         if loaded.data.spec.num_classes > 0:
-            labels = dist.gather(torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long))
+            labels = dist.gather(torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.long),
+                                 main_only=True)
         if not dist.is_main:
             return
         # gather concatenates by rank; put rows back in batch order (rank r holds batches r, r + world, ...)

@@ -136,17 +136,20 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def gather(self, t):
-        """`t` of every rank concatenated along dim 0 in rank order, on every rank."""
+    def gather(self, t, main_only: bool = False):
+        """`t` of every rank concatenated along dim 0 in rank order, on every rank; with `main_only`, on rank 0
+        only (the others get None), so that a large set (50,000 images for `sample --out x.npz`) is held once."""
         if self.world == 1:
             return t
+        import torch
         import torch.distributed as dist
 
-        parts: list = [None] * self.world
-        dist.all_gather_object(parts, t.cpu())
-        import torch
-
-        return torch.cat(parts)
+        parts: list | None = [None] * self.world if (self.rank == 0 or not main_only) else None
+        if main_only:
+            dist.gather_object(t.cpu(), parts, dst=0)
+        else:
+            dist.all_gather_object(parts, t.cpu())
+        return torch.cat(parts) if parts is not None else None
 
     def gather_batches(self, batches: list):
         """This rank's batches (tensors with equal trailing shapes) of a set dealt round robin, batch k to rank

@@ -90,3 +90,29 @@ def test_eval_and_compare_on_two_gloo_ranks_equal_one_process(run, tmp_path, mon
     assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports
     # rank 0 alone wrote the reference statistics cache
     assert len(list((tmp_path / "c2" / "fidelity").glob("reference-*.npz"))) == 1
+
+
+def test_sample_npz_on_two_gloo_ranks_is_the_one_process_file(run, tmp_path, monkeypatch):
+    """`fewstep sample RUN -n 21 --out x.npz` under 2 ranks: rank 0 alone gathers the rows (the others send and
+    stop) and writes the same arrays, in the same order, as one process; no other rank writes."""
+    import numpy as np
+    import torch
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+
+    torchrun(["sample", run, "--nfe", "1", "-n", N, "--batch", "4", "--out", tmp_path / "two.npz"], tmp_path / "c2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(app, ["sample", str(run), "--nfe", "1", "-n", str(N), "--batch", "4",
+                                       "--out", str(tmp_path / "one.npz")])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        assert sorted(one.files) == sorted(two.files)
+        assert one["arr_0"].shape[0] == N and one["arr_0"].dtype == np.uint8
+        for k in one.files:
+            np.testing.assert_array_equal(one[k], two[k])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".npz") == ["one.npz", "two.npz"]
