@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def registry():
+def registry(names=("dit", "fm", "soflow", "meanflow", "ect")):
     import importlib
     import types
 
@@ -21,7 +21,7 @@ def registry():
     from fewstep.registry import Registry
 
     reg = Registry(load_entrypoints=False)
-    for name in ("dit", "fm", "soflow", "meanflow", "ect"):
+    for name in names:
         reg.register_plugin(importlib.import_module(f"fewstep_plugins.{name}"), name=name, package="fewstep")
     return reg
 

@@ -30,20 +30,10 @@ OBJECTIVES = ["fm", "meanflow:jvp_mode=lean:fm_share=0.25:p=0.75:eps=0.001",
 
 
 def registry():
-    import importlib
-    import types
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from inprocess import registry as plugins_in_process
 
-    sys.path.insert(0, str(ROOT))
-    if "fewstep_plugins" not in sys.modules:  # the plugins/ folder is the fewstep_plugins package
-        pkg = types.ModuleType("fewstep_plugins")
-        pkg.__path__ = [str(ROOT / "plugins")]
-        sys.modules["fewstep_plugins"] = pkg
-    from fewstep.registry import Registry
-
-    reg = Registry(load_entrypoints=False)
-    for name in ("unet", "fm", "soflow", "meanflow"):
-        reg.register_plugin(importlib.import_module(f"fewstep_plugins.{name}"), name=name, package="fewstep")
-    return reg
+    return plugins_in_process(("unet", "fm", "soflow", "meanflow"))
 
 
 def parse_objective(text: str):
