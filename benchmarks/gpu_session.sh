@@ -33,7 +33,7 @@ export COLUMNS=220
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 SMALL=${SMALL:-0}
 # PHASES: the phases to run (default all), e.g. PHASES="compiled loop" to finish a call that ran out of time
-PHASES=" ${PHASES:-quickstart xl2 b2 stats sampling cache unet s2 compiled loop} "
+PHASES=" ${PHASES:-quickstart xl2 b2 stats sampling sampling_bf16 cache unet s2 compiled s2long loop} "
 # BUDGET: seconds after which no further phase starts (the call's limit minus the time to pack $OUT)
 has() { case "$PHASES" in *" $1 "*) ;; *) return 1;; esac
   if [ $(( $(date +%s) - T0 )) -gt "${BUDGET:-100000}" ]; then log "skip $1 (budget)"; return 1; fi; return 0; }
@@ -53,11 +53,11 @@ F="$PY -m fewstep"
 CIFAR=$PWD/.gpu/cifar10
 BD=/tmp/bd; BDV=/tmp/bdv
 if [ "$SMALL" = 1 ]; then
-  W="--steps 2 --warmup 1"; XLB=2; B2="--batch 4 --set backbone.size=S/8"; S2="--batch 4"; NLAT=64; NCACHE=16; SB=8
+  W="--steps 2 --warmup 1"; WL="--steps 3 --warmup 1"; XLB=2; B2="--batch 4 --set backbone.size=S/8"; S2="--batch 4"; NLAT=64; NCACHE=16; SB=8
   UNET="--set train.steps=4 --set train.batch=8 --set backbone.model_channels=16 --set backbone.num_blocks=1 --set eval.grid=10 --set eval.batch=10"
   XLSET="--set backbone.size=S/8"; QS=0; CACHE="--tiny --num 16 --workers 0 --device cpu"; STATN="--num 64"; FIDN="--fid-num 16"
 else
-  W="--steps 8 --warmup 15"; XLB=32; B2=""; S2=""; NLAT=4096; NCACHE=2048; SB=256
+  W="--steps 8 --warmup 15"; WL="--steps 40 --warmup 30"; XLB=32; B2=""; S2=""; NLAT=4096; NCACHE=2048; SB=256
   UNET="--set train.steps=150 --set train.batch=128 --set train.log_every=50 --set eval.grid=100"
   XLSET=""; QS=1; CACHE="--num 1024 --workers 9 --batch 64"; STATN=""; FIDN=""
 fi
@@ -74,7 +74,7 @@ if has xl2; then
 $F bench --recipe recipes/soflow_xl2.toml --set data.root=$BD/latents --objectives soflow --batch $XLB $W $XLSET \
   --no-train-step --json "$OUT/xl2.json" > "$OUT/xl2.txt" 2>&1; log "xl2 rc=$?"
 fi
-if has sampling; then ( $PY benchmarks/make_bench_data.py --out $BDV --cifar 0 --latents $NLAT --vae-dir $BDV/vae > "$OUT/make_vae.txt" 2>&1 ) & VAEPID=$!; fi
+if has sampling || has sampling_bf16; then ( $PY benchmarks/make_bench_data.py --out $BDV --cifar 0 --latents $NLAT --vae-dir $BDV/vae > "$OUT/make_vae.txt" 2>&1 ) & VAEPID=$!; fi
 if has b2; then
 # 2. B/2 latents, eager (issue 17)
 $F bench --recipe recipes/bench_latents_b2.toml --set data.root=$BD/latents $B2 $W --objectives fm,soflow,meanflow --json "$OUT/b2_eager.json" \
@@ -93,6 +93,13 @@ wait $VAEPID
 # 5. sampling: XL/2 + SD-VAE decode, 1 and 2 NFE, and the Inception's images/s (issue 17.2)
 $F bench --recipe recipes/bench_latents_xl2.toml --set data.root=$BDV/latents --set data.vae=$BDV/vae $XLSET --sampling \
   --objectives soflow --sample-batch $SB $FIDN --json "$OUT/sampling.json" > "$OUT/sampling.txt" 2>&1; log "sampling rc=$?"
+fi
+if has sampling_bf16; then
+wait $VAEPID
+# 5b. the same with the VAE decoder in bf16, 256 latents per VAE call (data.vae_dtype is fp32 in the paper recipes)
+$F bench --recipe recipes/bench_latents_xl2.toml --set data.root=$BDV/latents --set data.vae=$BDV/vae $XLSET --sampling \
+  --set data.vae_dtype=bf16 --set data.decode_batch=$SB --objectives soflow --sample-batch $SB $FIDN \
+  --json "$OUT/sampling_bf16.json" > "$OUT/sampling_bf16.txt" 2>&1; log "sampling bf16 rc=$?"
 fi
 if has cache; then
 # 6. cache-latents with the full-size VAE at 256 px (issue 14)
@@ -114,6 +121,11 @@ $F bench --recipe recipes/bench_latents_b2.toml --set data.root=$BD/latents $B2 
   --json "$OUT/b2_compiled.json" > "$OUT/b2_compiled.txt" 2>&1; log "b2 compiled rc=$?"
 $F bench --recipe recipes/bench_cifar_s2.toml --set data.root=$CIFAR $S2 $W --compile --objectives fm,soflow,meanflow \
   --json "$OUT/s2_compiled.json" > "$OUT/s2_compiled.txt" 2>&1; log "s2 compiled rc=$?"
+fi
+if has s2long; then
+# 8b. S/2 compiled again with 40 timed steps after 30: is the train / bare spread of 8 steps noise?
+$F bench --recipe recipes/bench_cifar_s2.toml --set data.root=$CIFAR $S2 $WL --compile --objectives fm,soflow,meanflow \
+  --json "$OUT/s2_compiled_long.json" > "$OUT/s2_compiled_long.txt" 2>&1; log "s2 compiled long rc=$?"
 fi
 if [ "$SMALL" = 0 ] && has loop; then  # the loop's CUDA-only checks (no host sync between log steps; data held on the GPU)
   timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_loop_sync.py -k "cuda or place" > "$OUT/loop_sync_gpu.txt" 2>&1

@@ -106,6 +106,8 @@ def train(
         t.add_row("steps", str(res.step))
         t.add_row("wall time", f"{res.wall_seconds:.1f} s")
         t.add_row("ms / step", f"{res.ms_per_step:.1f}")
+        if res.peak_memory_mb == res.peak_memory_mb:  # CUDA only (NaN on CPU)
+            t.add_row("peak memory", f"{res.peak_memory_mb / 1024:.2f} GiB (torch.cuda.max_memory_allocated)")
         t.add_row("parameters", f"{res.num_params:,}")
         t.add_row("skipped steps", str(res.skipped_steps))
         if res.final_metrics_step != res.step:

@@ -40,8 +40,8 @@ def bench(
     sample_batch: Annotated[int, typer.Option(metavar="B", min=0, help="--sampling: batch \\[default: the recipe's "
                                               "eval.batch]")] = 0,
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="--sampling: also time the FID feature extractor")] = True,
-    fid_num: Annotated[int, typer.Option(metavar="N", min=0, help="--sampling: images per FID timing (each side) "
-                                         "\\[default: the sampling batch]")] = 0,
+    fid_num: Annotated[int, typer.Option(metavar="N", min=0, help="--sampling: images in the timed FID feature pass "
+                                         "\\[default: 4x the sampling batch]")] = 0,
     set_: SetOpt = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", metavar="PATH", help="also write the report as JSON",
                                                       rich_help_panel="Output")] = None,

@@ -60,34 +60,41 @@ class Extractor:
         self.dim = int(self.layer) if str(self.layer).isdigit() else int(self(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)).shape[1])
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (b, 1|3, H, W) -> (b, D) float64 features on the CPU."""
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (b, 1|3, H, W) -> (b, D) float32 features, left on the extractor's device."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        out = []
-        for i in range(0, len(images), self.batch):
-            (f,) = self.net(images[i:i + self.batch].to(self.device, non_blocking=True).contiguous())
-            out.append(f.to(torch.float64).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 0, dtype=torch.float64)
+        out = [self.net(images[i:i + self.batch].to(self.device, non_blocking=True).contiguous())[0]
+               for i in range(0, len(images), self.batch)]
+        return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (b, 1|3, H, W) -> (b, D) float64 features on the CPU."""
+        f = self.features(images)
+        return f.to(torch.float64).cpu() if f.numel() else torch.zeros(0, 0, dtype=torch.float64)
 
 
 def feature_pass(stream, extract: Extractor, keep: bool, progress: Callable[[int], None] | None = None) -> FeatureSet:
     """Mean and covariance (and with `keep`, every feature) of a stream, over all ranks."""
     d = extract.dim
     n, kept, shape = 0, [], None
-    s1 = torch.zeros(d, dtype=torch.float64)
-    s2 = torch.zeros(d, d, dtype=torch.float64)
+    # the sums stay on the extractor's device, in float64: no host copy or CPU matrix product per batch (on a GPU
+    # the 2048 x 2048 update of s2 would otherwise cost more than the Inception itself)
+    dev = extract.device
+    s1 = torch.zeros(d, dtype=torch.float64, device=dev)
+    s2 = torch.zeros(d, d, dtype=torch.float64, device=dev)
     for images in stream.batches():
         shape = shape or tuple(images.shape[1:])
-        f = extract(images)
+        f = extract.features(images).to(torch.float64)
         n += len(f)
         s1 += f.sum(0)
-        s2 += f.T @ f
+        s2.addmm_(f.T, f)
         if keep:
-            kept.append(f.float())
+            kept.append(f.float().cpu())
         if progress is not None:
             progress(len(f))
-    total = stream.all_reduce_sum(torch.cat([torch.tensor([float(n)], dtype=torch.float64), s1, s2.flatten()]))
+    local = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=dev), s1, s2.flatten()])
+    total = stream.all_reduce_sum(local).cpu()
     n = int(round(total[0].item()))
     s1, s2 = total[1:1 + d], total[1 + d:].view(d, d)
     if n < 2:
