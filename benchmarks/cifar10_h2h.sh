@@ -27,6 +27,7 @@
 #             field, and time with PAR=1: side by side, each run's speed depends on the others)
 #   PAR       training processes side by side on the one GPU (default: all runs at once)
 #   NUM       generated samples per FID (default 10000); NFE (default 1,2); FM_NFE for flow matching (1,2,8,32)
+#   PREC      the network's arithmetic while sampling for FID: fp32 (default, as the official evaluations), tf32, bf16
 #   EMA       EMA copies to evaluate, space-separated indices into train.ema (default "0"; the base has
 #             [0.9999, 0.999]: EMA="0 1" scores both)
 #   RUNS      run folders (default runs/h2h); OUT: results (default $RUNS/out); PY (default python3)
@@ -35,7 +36,7 @@
 # $OUT receives h2h.md, h2h.json and h2h.tgz (those two, every run's recipe.toml, metrics.jsonl, eval JSONs, final
 # sample grids, and the logs): three files, whatever the number of runs.
 set -u
-if [ $# -lt 1 ]; then sed -n 2,38p "$0"; exit 2; fi
+if [ $# -lt 1 ]; then sed -n 2,37p "$0"; exit 2; fi
 PY=${PY:-python3}
 CIFAR=${CIFAR:?set CIFAR to the CIFAR-10 data root}
 REF=${REF:?set REF to the reference statistics .npz (made when missing)}
@@ -45,6 +46,7 @@ NUM=${NUM:-10000}
 NFE=${NFE:-1,2}
 FM_NFE=${FM_NFE:-1,2,8,32}
 EMA=${EMA:-0}
+PREC=${PREC:-fp32}
 PAR=${PAR:-$#}
 STEPS=${STEPS:-}
 BUDGET_S=${BUDGET_S:-}
@@ -137,7 +139,7 @@ if has eval; then
     obj=$(sed -n '/^\[objective\]/,/^\[/s/^name = "\(.*\)"/\1/p' "$dir/recipe.toml" | head -1)
     nfe=$NFE; [ "$obj" = fm ] && nfe=$FM_NFE
     for e in $EMA; do
-      $F eval "$dir" --nfe "$nfe" --num "$NUM" --reference "$REF" --ema "$e" --out "$dir/eval_ema$e.json" \
+      $F eval "$dir" --nfe "$nfe" --num "$NUM" --reference "$REF" --ema "$e" --precision "$PREC" --out "$dir/eval_ema$e.json" \
         > "$RUNS/logs/$name.eval_ema$e.txt" 2>&1
       log "eval $name ema $e nfe $nfe rc=$?"
     done

@@ -166,7 +166,8 @@ def sample(
         with Progress(console=err, disable=not dist.is_main) as prog:
             task = prog.add_task(f"sampling nfe={nfe}", total=num)
             parts = [(to_uint8(x).permute(0, 2, 3, 1).contiguous(), y) for x, y in
-                     generated_batches(loaded, num, nfe, seed, batch, dist, lambda n: prog.advance(task, n * dist.world))]
+                     generated_batches(loaded, num, nfe, seed, batch, dist, lambda n: prog.advance(task, n * dist.world),
+                                       loaded.recipe.eval["precision"])]
         # rank 0 alone holds the whole set (50,000 x 256 x 256 x 3 bytes = 9.8 GB): the others send and stop
         images = dist.gather(torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.uint8), main_only=True)
         labels = None

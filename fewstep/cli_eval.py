@@ -80,6 +80,8 @@ def eval_cmd(
                                          help="reference images (0: as many as generated samples, or all there are)")] = 0,
     reference: ReferenceOpt = None,
     option: OptionOpt = None,
+    precision: Annotated[Optional[str], typer.Option(metavar="fp32|tf32|bf16", help="the network's arithmetic while "
+                                                     "sampling \\[default: the recipe's eval.precision, fp32]")] = None,
     out: Annotated[Optional[Path], typer.Option(metavar="FILE", help="where to write the results \\[default: RUN/eval.json]",
                                                 rich_help_panel="Output")] = None,
 ) -> None:
@@ -102,7 +104,10 @@ def eval_cmd(
     nfes = _int_list(nfe, "--nfe") or list(ev["nfe"])
     settings = EvalSettings(metrics=_names(metrics) or list(ev["metrics"]) or default_metrics(),
                             num=num or ev["num_samples"], seed=ev["seed"] if seed is None else seed, batch=ev["batch"],
-                            ref_split=ref_split, ref_num=ref_num, reference=reference)
+                            ref_split=ref_split, ref_num=ref_num, reference=reference,
+                            precision=precision or ev.get("precision", "fp32"))
+    if settings.precision not in ("fp32", "tf32", "bf16"):
+        _fail(f"--precision must be fp32, tf32 or bf16; got {precision!r}")
     dist, device = _dist()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

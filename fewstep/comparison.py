@@ -309,7 +309,7 @@ def evaluate_all(refs: list[RunRef], spec: CompareSpec, console: Any, registry: 
             ev = spec.base.eval  # one protocol for every run; seed index k uses eval.seed + k for all objectives
             seed_index = spec.seeds.index(ref.seed) if ref.seed in spec.seeds else 0
             settings = EvalSettings(list(spec.metrics), ev["num_samples"], ev["seed"] + seed_index, ev["batch"],
-                                    reference=spec.reference)
+                                    reference=spec.reference, precision=ev["precision"])
             reference = reference_of(loaded, settings.ref_split, settings.num, spec.reference)
             if ref.train is not None and ref.train.num_params is None:
                 ref.train.num_params = sum(p.numel() for p in loaded.net.parameters())

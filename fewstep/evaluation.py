@@ -19,6 +19,7 @@ Comparison lives in ``fewstep.comparison``, tables, plots and JSON in ``fewstep.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -108,6 +109,7 @@ class EvalSettings:
     ref_split: str = "train"
     ref_num: int = 0  # 0: as many reference images as generated ones (all, if fewer exist)
     reference: Path | None = None  # stored reference statistics (.npz) for streaming evaluators
+    precision: str = "fp32"  # the network's arithmetic while sampling: fp32, tf32 or bf16 (eval.precision)
 
 
 @dataclass(frozen=True)
@@ -192,9 +194,34 @@ def batch_noise(k: int, batch: int, n: int, shape: tuple[int, ...], num_classes:
     return noise, labels
 
 
+@contextlib.contextmanager
+def sampling_precision(precision: str, device: Any):
+    """The network's arithmetic while it samples: fp32 as is, tf32 (CUDA: TF32 matmuls and cuDNN convolutions,
+    the flags restored afterwards) or bf16 autocast on the device's type."""
+    import torch
+
+    if precision == "fp32":
+        yield
+        return
+    if precision == "bf16":
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            yield
+        return
+    if precision != "tf32":
+        raise EvaluationError(f"eval.precision must be fp32, tf32 or bf16; got {precision!r}")
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def generated_batches(loaded, n: int, nfe: int, seed: int, batch: int, dist: Dist = Dist(),
-                      progress: Callable[[int], None] | None = None) -> Iterator[tuple[Any, Any]]:
-    """This rank's batches of generated samples (float, as `to_images` returns them) and their labels."""
+                      progress: Callable[[int], None] | None = None,
+                      precision: str = "fp32") -> Iterator[tuple[Any, Any]]:
+    """This rank's batches of generated samples (float, as `to_images` returns them) and their labels; the
+    network samples in `precision` (fp32, tf32, bf16), the data source's `to_images` (a VAE decode) in its own."""
     import torch
 
     net, data = loaded.net, loaded.data
@@ -205,9 +232,10 @@ def generated_batches(loaded, n: int, nfe: int, seed: int, batch: int, dist: Dis
             noise, labels = batch_noise(k, batch, n, data.spec.shape, data.spec.num_classes, seed)
             gen = torch.Generator(device=loaded.device).manual_seed(seed * 1_000_003 + k + 1)  # re-noising draws
             with torch.no_grad():
-                x0 = loaded.sampler.sample(loaded.objective, net, noise.to(loaded.device),
-                                           None if labels is None else labels.to(loaded.device), nfe, generator=gen)
-                x = data.to_images(x0).float()
+                with sampling_precision(precision, loaded.device):
+                    x0 = loaded.sampler.sample(loaded.objective, net, noise.to(loaded.device),
+                                               None if labels is None else labels.to(loaded.device), nfe, generator=gen)
+                x = data.to_images(x0.float()).float()
             if progress is not None:
                 progress(len(x))
             yield x, labels
@@ -334,7 +362,8 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
                     peers=peers, shared=shared)
         if streaming:
             def gen_batches(nfe=nfe):
-                for x, _ in generated_batches(loaded, settings.num, nfe, settings.seed, settings.batch, dist, advance):
+                for x, _ in generated_batches(loaded, settings.num, nfe, settings.seed, settings.batch, dist, advance,
+                                             settings.precision):
                     yield to_uint8(x)
 
             gen_stream = ImageStream(gen_batches, settings.num, None, name="generated", key="",
@@ -347,7 +376,8 @@ def evaluate_loaded(loaded, nfes: Sequence[int], evaluators: dict[str, Evaluator
             if streaming and task is not None:
                 progress.reset(task)
             ts = time.perf_counter()
-            drawn = list(generated_batches(loaded, settings.num, nfe, settings.seed, settings.batch, dist, advance))
+            drawn = list(generated_batches(loaded, settings.num, nfe, settings.seed, settings.batch, dist, advance,
+                                             settings.precision))
             parts = [x for x, _ in drawn]
             per_row = int(parts[0][0].numel()) if parts else 1  # what to_images returns (pixels, for latent data)
             _in_memory(settings.num * per_row, f"evaluators {sorted(whole)}")
@@ -388,6 +418,7 @@ def protocol(loaded, settings: EvalSettings, evaluators: dict[str, Evaluator], e
         "noise_seed": settings.seed,
         "noise": "batch k of `batch` rows from a CPU generator seeded with seed * 1000003 + k",
         "batch": settings.batch,
+        "precision": settings.precision,
         "objective": {"name": r.objective.name, **r.objective.options},
         "sampler": {"name": r.sampler.name, **r.sampler.options},
         "data": {"name": r.data.name, **r.data.options},

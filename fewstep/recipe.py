@@ -76,6 +76,9 @@ EVAL_OPTIONS = OptionSet([
            "(num_samples each); printed and written to RUN/eval_after_train.json", is_list=True),
     Option("num_samples", int, 10000, "samples per metric evaluation", ge=1),
     Option("batch", int, 256, "sampling batch size", ge=1),
+    Option("precision", str, "fp32", "arithmetic of the network while sampling for metrics (eval, compare, "
+           "after_train): fp32 (the official evaluations), tf32 (TF32 matmuls and convolutions on CUDA) or bf16 "
+           "(autocast); the feature extractor always runs as torch-fidelity builds it", choices=("fp32", "tf32", "bf16")),
 ])
 
 

@@ -668,7 +668,8 @@ class Trainer:
         ema.copy_to(ema_net, 0)
         latest = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         loaded = LoadedRun(self.recipe, ema_net, objective, sampler, data, self.info.device, latest, 0)
-        settings = EvalSettings(metrics=list(ev["after_train"]), num=ev["num_samples"], seed=ev["seed"], batch=ev["batch"])
+        settings = EvalSettings(metrics=list(ev["after_train"]), num=ev["num_samples"], seed=ev["seed"], batch=ev["batch"],
+                                precision=ev["precision"])
         result = evaluate_built(self.run_dir, loaded, ev["nfe"], self._after, settings, 0, None, Dist())
         path = self.run_dir / "eval_after_train.json"
         write_json(path, result.to_dict())
