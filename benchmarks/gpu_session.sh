@@ -33,7 +33,7 @@ export COLUMNS=220
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 SMALL=${SMALL:-0}
 # PHASES: the phases to run (default all), e.g. PHASES="compiled loop" to finish a call that ran out of time
-PHASES=" ${PHASES:-quickstart xl2 b2 stats sampling sampling_bf16 cache unet s2 compiled s2long loop} "
+PHASES=" ${PHASES:-quickstart xl2 b2 stats sampling sampling_bf16 cache unet s2 compiled s2long long loop} "
 # BUDGET: seconds after which no further phase starts (the call's limit minus the time to pack $OUT)
 has() { case "$PHASES" in *" $1 "*) ;; *) return 1;; esac
   if [ $(( $(date +%s) - T0 )) -gt "${BUDGET:-100000}" ]; then log "skip $1 (budget)"; return 1; fi; return 0; }
@@ -51,13 +51,13 @@ fi
 export FEWSTEP_INCEPTION_WEIGHTS=${FEWSTEP_INCEPTION_WEIGHTS:-/tmp/inception.pt}
 F="$PY -m fewstep"
 CIFAR=$PWD/.gpu/cifar10
-BD=/tmp/bd; BDV=/tmp/bdv
+BD=/tmp/bd; BDV=/tmp/bdv; BD512=/tmp/bd512
 if [ "$SMALL" = 1 ]; then
-  W="--steps 2 --warmup 1"; WL="--steps 3 --warmup 1"; XLB=2; B2="--batch 4 --set backbone.size=S/8"; S2="--batch 4"; NLAT=64; NCACHE=16; SB=8
+  W="--steps 2 --warmup 1"; WL="--steps 3 --warmup 1"; NLAT512=16; B512="--batch 2 --set backbone.size=S/8"; XLB=2; B2="--batch 4 --set backbone.size=S/8"; S2="--batch 4"; NLAT=64; NCACHE=16; SB=8
   UNET="--set train.steps=4 --set train.batch=8 --set backbone.model_channels=16 --set backbone.num_blocks=1 --set eval.grid=10 --set eval.batch=10"
   XLSET="--set backbone.size=S/8"; QS=0; CACHE="--tiny --num 16 --workers 0 --device cpu"; STATN="--num 64"; FIDN="--fid-num 16"
 else
-  W="--steps 8 --warmup 15"; WL="--steps 40 --warmup 30"; XLB=32; B2=""; S2=""; NLAT=4096; NCACHE=2048; SB=256
+  W="--steps 8 --warmup 15"; WL="--steps 40 --warmup 30"; NLAT512=1024; B512=""; XLB=32; B2=""; S2=""; NLAT=4096; NCACHE=2048; SB=256
   UNET="--set train.steps=150 --set train.batch=128 --set train.log_every=50 --set eval.grid=100"
   XLSET=""; QS=1; CACHE="--num 1024 --workers 9 --batch 64"; STATN=""; FIDN=""
 fi
@@ -126,6 +126,15 @@ if has s2long; then
 # 8b. S/2 compiled again with 40 timed steps after 30: is the train / bare spread of 8 steps noise?
 $F bench --recipe recipes/bench_cifar_s2.toml --set data.root=$CIFAR $S2 $WL --compile --objectives fm,soflow,meanflow \
   --json "$OUT/s2_compiled_long.json" > "$OUT/s2_compiled_long.txt" 2>&1; log "s2 compiled long rc=$?"
+fi
+if has long; then
+# 9. long sequences (issue 17.5): DiT-B/2 on 512 px latents, 1024 tokens, batch 64; MeanFlow's JVP paths against FM
+$PY benchmarks/make_bench_data.py --out $BD512 --cifar 0 --latents $NLAT512 --resolution 512 > "$OUT/make_512.txt" 2>&1
+for mode in "" "--compile"; do
+  $F bench --recipe recipes/bench_latents_b2_512.toml --set data.root=$BD512/latents $B512 $W $mode \
+    --objectives fm,soflow,meanflow,meanflow:jvp_impl=torch --json "$OUT/b2_512${mode:+_compiled}.json" \
+    > "$OUT/b2_512${mode:+_compiled}.txt" 2>&1; log "b2 512 ${mode:-eager} rc=$?"
+done
 fi
 if [ "$SMALL" = 0 ] && has loop; then  # the loop's CUDA-only checks (no host sync between log steps; data held on the GPU)
   timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_loop_sync.py -k "cuda or place" > "$OUT/loop_sync_gpu.txt" 2>&1

@@ -141,7 +141,9 @@ def test_every_shipped_recipe_passes_check(path, monkeypatch, tmp_path):
         from fakes import fake_cifar_root, fake_latents
 
         root = tmp_path / "data"
-        made = fake_cifar_root(root) if data.name == "cifar10" else fake_latents(root)
+        px = int(data.options.get("resolution", 256)) if data.name == "latents" else 0
+        made = fake_cifar_root(root) if data.name == "cifar10" else fake_latents(root, shape=(4, px // 8, px // 8),
+                                                                                 resolution=px)
         sets = ["--set", f"data.root={made}"]
         vae = data.options.get("vae") if data.name == "latents" else None
         if vae and str(vae).startswith("/"):  # a VAE folder the user makes (bench_latents_xl2): the cache's hub name

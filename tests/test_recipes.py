@@ -108,3 +108,15 @@ def test_a_few_cpu_steps_of_each_cifar_recipe(name, roots, tmp_path):
         sets.append("objective.jvp_mode=lean")  # both modes are tested in test_meanflow.py; lean is the quick one
     res = Trainer(load_recipe(RECIPES / f"{name}.toml", sets), tmp_path / name, show_progress=False).run()
     assert res.step == 2 and res.skipped_steps == 0 and res.final_metrics["loss"] == res.final_metrics["loss"]
+
+
+def test_the_512_px_bench_recipe_has_1024_tokens_and_the_256_px_tokens_per_step(tmp_path):
+    root = fake_latents(tmp_path / "l512", shape=(4, 64, 64), resolution=512)
+    r = load_recipe(RECIPES / "bench_latents_b2_512.toml", [f"data.root={root}"])
+    facts = check_components(r)
+    assert facts["shape"] == (4, 64, 64) and r.backbone.options["size"] == "B/2"
+    assert (64 // 2) ** 2 == 1024
+    assert r.train["batch"] * 1024 == 256 * (32 // 2) ** 2  # as many tokens a step as bench_latents_b2.toml
+    wrong = fake_latents(tmp_path / "l256")  # a 256 px cache is refused by name
+    with pytest.raises(Exception, match="512|resolution"):
+        check_components(load_recipe(RECIPES / "bench_latents_b2_512.toml", [f"data.root={wrong}"]))
