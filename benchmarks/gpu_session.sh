@@ -137,7 +137,7 @@ for mode in "" "--compile"; do
 done
 fi
 if [ "$SMALL" = 0 ] && has loop; then  # the loop's CUDA-only checks (no host sync between log steps; data held on the GPU)
-  timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_loop_sync.py -k "cuda or place" > "$OUT/loop_sync_gpu.txt" 2>&1
+  timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_loop_sync.py tests/test_bench.py -k "cuda or place" > "$OUT/loop_sync_gpu.txt" 2>&1
   log "loop_sync rc=$?"
 fi
 wait

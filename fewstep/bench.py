@@ -6,8 +6,10 @@ For each objective (the recipe's objective table swapped, the others at their re
 
     loss = objective.loss(model, random batch, step); loss.backward(); opt.step(); opt.zero_grad()
 
-timed one step at a time (CUDA events on a GPU, perf_counter after a synchronise on the CPU), the warm-up
-steps excluded, median reported. Beside it:
+timed step by step with the steps launched back to back, as the training loop launches them (on a GPU the
+intervals between CUDA events recorded after each step, one synchronise at the end; perf_counter after a
+synchronise on the CPU), the warm-up steps excluded, median reported. (Until 2026-12-07 each step was
+synchronised before the next; that charged small models the host's launch time once per step.) Beside it:
 
 * model FLOPs of one step, counted by torch.utils.flop_counter.FlopCounterMode on an eager pass (torch.compile
   switched off while counting, so every matmul, convolution and attention call that the objective really runs
@@ -181,6 +183,31 @@ class Timer:
         fn()
         return 1000 * (time.perf_counter() - t0)
 
+    def steps(self, fn: Callable[[int], Any], n: int) -> list[float]:
+        """ms of each of `n` calls fn(0), ..., fn(n - 1) launched back to back, as a training loop without host
+        synchronisation runs them: on CUDA the intervals between consecutive end-of-call events (one synchronise,
+        after the last), so the host's launch work for call i + 1 overlaps the device's work for call i, and a
+        small model is not charged a launch gap per step that training does not pay; elsewhere perf_counter
+        around each call."""
+        import torch
+
+        if not self.cuda:
+            return [self(lambda i=i: fn(i)) for i in range(n)]
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        ends = []
+        for i in range(n):
+            fn(i)
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            ends.append(e)
+        ends[-1].synchronize()
+        out, prev = [], start
+        for e in ends:
+            out.append(prev.elapsed_time(e))
+            prev = e
+        return out
+
 
 def matmul_tflops(device, n: int = 0, iters: int = 20) -> tuple[float, str]:
     """The measured matrix rate: TFLOP/s of an n x n x n matmul (bf16 on CUDA, float32 on the CPU), median."""
@@ -333,7 +360,7 @@ def bare_step(recipe: Recipe, *, steps: int, warmup: int, device, registry: Any 
     timer.sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = [timer(lambda i=i: step(warmup + i)) for i in range(steps)]
+    times = timer.steps(lambda i: step(warmup + i), steps)
     if device.type == "cuda":
         row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     row.loss_finite = bool(torch.isfinite(last["loss"]))
@@ -544,7 +571,7 @@ def markdown(report: BenchReport) -> str:
     """The report as the markdown table docs/benchmarks.md keeps."""
     lines = [f"{report.card}; torch {report.torch}; commit {report.commit}; {report.backbone}; data "
              f"{'x'.join(map(str, report.data_shape))}; batch {report.batch}; {report.precision}"
-             f"{'; compiled' if report.compile else ''}; median of {report.steps} steps after {report.warmup}; "
+             f"{'; compiled' if report.compile else ''}; median of {report.steps} back-to-back steps after {report.warmup}; "
              f"matmul {report.matmul_tflops:.3g} TFLOP/s ({report.matmul_dtype})", ""]
     if report.rows:
         lines += ["| objective | ms/step | x FM | images/s | peak GiB | x FM mem | GFLOP/step | TFLOP/s | % matmul | "

@@ -90,3 +90,37 @@ def test_bench_unknown_objective_is_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["bench", "--recipe", str(recipe), "--objectives", "fm,sofloww"])
     assert res.exit_code == 2
     assert "sofloww" in res.output and "Traceback" not in res.output
+
+
+def test_timer_steps_calls_in_order_and_times_each_call():
+    import time
+
+    from fewstep.bench import Timer
+
+    seen = []
+
+    def fn(i):
+        seen.append(i)
+        time.sleep(0.002 * (i + 1))
+
+    ms = Timer("cpu").steps(fn, 4)
+    assert seen == [0, 1, 2, 3] and len(ms) == 4
+    assert all(m >= 2.0 * (i + 1) * 0.9 for i, m in enumerate(ms))  # each interval holds its own call's sleep
+    assert ms[3] > ms[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events")
+def test_timer_steps_on_cuda_intervals_add_up_to_the_whole_window():
+    from fewstep.bench import Timer
+
+    a = torch.randn(2048, 2048, device="cuda")
+    timer = Timer("cuda")
+    timer.steps(lambda i: a @ a, 3)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    ms = timer.steps(lambda i: [a @ a for _ in range(i + 1)], 5)
+    end.record()
+    end.synchronize()
+    assert len(ms) == 5 and all(m > 0 for m in ms)
+    assert sum(ms) <= start.elapsed_time(end) * 1.05
+    assert ms[4] > 2.5 * ms[0]  # 5 matmuls against 1: the intervals follow each call's own work
