@@ -18,7 +18,7 @@ if [ "${1:-}" = prepare ]; then
   SHARED=${SHARED:?set SHARED to the folder holding data/cifar10/*.tar.gz and weights/inception-2015-12-05-fp16.torchscript.pt}
   mkdir -p .gpu/whl .gpu/cifar10
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_17_x86_64 -d .gpu/whl torch_fidelity==0.4.0 tomli_w importlib_metadata==8.7.0 diffusers==0.42.1 || exit 1
+    --platform manylinux_2_17_x86_64 -d .gpu/whl torch_fidelity==0.4.0 tomli_w importlib_metadata==8.7.0 jvp_flash_attention==0.14.0 diffusers==0.42.1 || exit 1
   d=$(mktemp -d); (cd "$d" && unzip -q "$OLDPWD"/.gpu/whl/diffusers-*.whl && rm -rf diffusers/pipelines/*/ \
     diffusers/modular_pipelines/*/ && tar cJf "$OLDPWD/.gpu/diffusers_trim.tar.xz" diffusers diffusers-*.dist-info)
   rm -f .gpu/whl/diffusers-*.whl "$d" -r
@@ -53,11 +53,11 @@ F="$PY -m fewstep"
 CIFAR=$PWD/.gpu/cifar10
 BD=/tmp/bd; BDV=/tmp/bdv; BD512=/tmp/bd512
 if [ "$SMALL" = 1 ]; then
-  W="--steps 2 --warmup 1"; WL="--steps 3 --warmup 1"; NLAT512=16; B512="--batch 2 --set backbone.size=S/8"; XLB=2; B2="--batch 4 --set backbone.size=S/8"; S2="--batch 4"; NLAT=64; NCACHE=16; SB=8
+  W="--steps 2 --warmup 1"; WL="--steps 3 --warmup 1"; NLAT512=16; B512="--batch 2 --set backbone.size=S/8"; JFA="--tokens 16 64 --batch 2 --heads 2 --dim 16 --dtype fp32 --iters 3"; XLB=2; B2="--batch 4 --set backbone.size=S/8"; S2="--batch 4"; NLAT=64; NCACHE=16; SB=8
   UNET="--set train.steps=4 --set train.batch=8 --set backbone.model_channels=16 --set backbone.num_blocks=1 --set eval.grid=10 --set eval.batch=10"
   XLSET="--set backbone.size=S/8"; QS=0; CACHE="--tiny --num 16 --workers 0 --device cpu"; STATN="--num 64"; FIDN="--fid-num 16"
 else
-  W="--steps 8 --warmup 15"; WL="--steps 40 --warmup 30"; NLAT512=1024; B512=""; XLB=32; B2=""; S2=""; NLAT=4096; NCACHE=2048; SB=256
+  W="--steps 8 --warmup 15"; WL="--steps 40 --warmup 30"; NLAT512=1024; B512=""; JFA="--tokens 256 1024 --batch 64 --heads 12 --dim 64 --dtype bf16"; XLB=32; B2=""; S2=""; NLAT=4096; NCACHE=2048; SB=256
   UNET="--set train.steps=150 --set train.batch=128 --set train.log_every=50 --set eval.grid=100"
   XLSET=""; QS=1; CACHE="--num 1024 --workers 9 --batch 64"; STATN=""; FIDN=""
 fi
@@ -135,6 +135,9 @@ for mode in "" "--compile"; do
     --objectives fm,soflow,meanflow,meanflow:jvp_impl=torch --json "$OUT/b2_512${mode:+_compiled}.json" \
     > "$OUT/b2_512${mode:+_compiled}.txt" 2>&1; log "b2 512 ${mode:-eager} rc=$?"
 done
+# the attention tangent alone: closed form (the DiT's JVP today), torch.func.jvp, jvp_flash_attention (issue 17.5)
+$PY benchmarks/jvp_flash_attn.py $JFA --json "$OUT/jvp_flash_attn.json" > "$OUT/jvp_flash_attn.txt" 2>&1
+log "jvp flash attn rc=$?"
 fi
 if [ "$SMALL" = 0 ] && has loop; then  # the loop's CUDA-only checks (no host sync between log steps; data held on the GPU)
   timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_loop_sync.py tests/test_bench.py -k "cuda or place" > "$OUT/loop_sync_gpu.txt" 2>&1

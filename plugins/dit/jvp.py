@@ -74,6 +74,16 @@ def _check_deterministic(module: nn.Module) -> None:
                                  "(call it in eval mode, or use torch.func.jvp, which replays the dropout masks)")
 
 
+def attention_tangent(q, k, v, dq, dk, dv, scale: float):
+    """d softmax(q k^T scale) v along (dq, dk, dv), (B, H, N, hd) each, in closed form with P materialised:
+    dS = (dq k^T + q dk^T) scale, dP = P * (dS - rowsum(P * dS)), dO = dP v + P dv. No gradient."""
+    with torch.no_grad():
+        p = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N); float32 under autocast
+        ds = (torch.cat([dq, q], -1) * scale) @ torch.cat([k, dk], -1).transpose(-2, -1)  # dq k^T + q dk^T
+        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
+        return dp @ v + p @ dv
+
+
 def _attention(attn, a, da):
     """timm Attention (qkv bias, no q/k norm, no gate) with its tangent."""
     if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
@@ -89,10 +99,7 @@ def _attention(attn, a, da):
         o = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
     with torch.no_grad():
         dq, dk, dv = dqkv.reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        p = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N); float32 under autocast
-        ds = (torch.cat([dq, q], -1) * attn.scale) @ torch.cat([k, dk], -1).transpose(-2, -1)  # dq k^T + q dk^T
-        dp = p * (ds - (p * ds).sum(-1, keepdim=True))
-        do = dp @ v + p @ dv
+        do = attention_tangent(q, k, v, dq, dk, dv, attn.scale)
     o = o.transpose(1, 2).reshape(b, n, -1)
     do = do.transpose(1, 2).reshape(b, n, -1)
     return _linear(attn.proj, o, do)
