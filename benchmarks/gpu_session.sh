@@ -33,7 +33,7 @@ export COLUMNS=220
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 SMALL=${SMALL:-0}
 # PHASES: the phases to run (default all), e.g. PHASES="compiled loop" to finish a call that ran out of time
-PHASES=" ${PHASES:-quickstart xl2 b2 stats sampling sampling_bf16 cache unet s2 compiled s2long long loop} "
+PHASES=" ${PHASES:-quickstart xl2 b2 stats sampling sampling_bf16 cache unet s2 compiled s2long cudagraphs long loop} "
 # BUDGET: seconds after which no further phase starts (the call's limit minus the time to pack $OUT)
 has() { case "$PHASES" in *" $1 "*) ;; *) return 1;; esac
   if [ $(( $(date +%s) - T0 )) -gt "${BUDGET:-100000}" ]; then log "skip $1 (budget)"; return 1; fi; return 0; }
@@ -126,6 +126,14 @@ if has s2long; then
 # 8b. S/2 compiled again with 40 timed steps after 30: is the train / bare spread of 8 steps noise?
 $F bench --recipe recipes/bench_cifar_s2.toml --set data.root=$CIFAR $S2 $WL --compile --objectives fm,soflow,meanflow \
   --json "$OUT/s2_compiled_long.json" > "$OUT/s2_compiled_long.txt" 2>&1; log "s2 compiled long rc=$?"
+fi
+if has cudagraphs; then
+# 8c. S/2 and B/2 compiled with CUDA graphs (train.compile_mode = reduce-overhead): the launch gaps of small models
+for r in bench_cifar_s2:$CIFAR bench_latents_b2:$BD/latents; do
+  $F bench --recipe recipes/${r%%:*}.toml --set data.root=${r#*:} $([ "${r%%:*}" = bench_cifar_s2 ] && echo "$S2" || echo "$B2") $W \
+    --compile --set train.compile_mode=reduce-overhead --objectives fm,soflow,meanflow \
+    --json "$OUT/${r%%:*}_cudagraphs.json" > "$OUT/${r%%:*}_cudagraphs.txt" 2>&1; log "${r%%:*} cudagraphs rc=$?"
+done
 fi
 if has long; then
 # 9. long sequences (issue 17.5): DiT-B/2 on 512 px latents, 1024 tokens, batch 64; MeanFlow's JVP paths against FM

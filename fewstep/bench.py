@@ -335,7 +335,7 @@ def bare_step(recipe: Recipe, *, steps: int, warmup: int, device, registry: Any 
     comps = build_components(recipe, device=device, registry=registry)
     net, objective = comps.net, comps.objective
     objective.prepare(net)
-    model = torch.compile(net) if tr["compile"] else net
+    model = torch.compile(net, mode=tr["compile_mode"]) if tr["compile"] else net
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], tr, device)
     batches = [random_batch(comps.data.spec, tr["batch"], device, seed=k) for k in range(4)]
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if tr["precision"] == "bf16"
@@ -411,7 +411,7 @@ def sampling_rows(recipe: Recipe, *, nfes: Sequence[int], batch: int, iters: int
     notes: list[str] = []
     comps = build_components(recipe, device=device, registry=registry)
     net, objective, sampler, data = comps.net.eval(), comps.objective, comps.sampler, comps.data
-    model = torch.compile(net) if recipe.train["compile"] else net
+    model = torch.compile(net, mode=recipe.train["compile_mode"]) if recipe.train["compile"] else net
     spec = data.spec
     g = torch.Generator(device=device).manual_seed(0)
     noise = torch.randn((batch, *spec.shape), device=device, generator=g)

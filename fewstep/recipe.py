@@ -62,6 +62,9 @@ TRAIN_OPTIONS = OptionSet([
     Option("max_bad_steps", int, 5, "consecutive non-finite steps that stop the run", ge=1),
     Option("max_seconds", float, 0.0, "wall-clock training budget in seconds (0: none); stops early at a step boundary", ge=0),
     Option("compile", bool, False, "torch.compile the backbone"),
+    Option("compile_mode", str, "default", "torch.compile mode when compile is on: default, reduce-overhead (CUDA "
+           "graphs: fewer launch gaps for small models), max-autotune, max-autotune-no-cudagraphs",
+           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
     Option("loggers", str, ["jsonl"], "experiment loggers (plugins), each configured in its own [loggers.<name>] table; "
            "jsonl writes metrics.jsonl (fewstep plot, compare and resume read it)", is_list=True),
 ])

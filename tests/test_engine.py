@@ -282,3 +282,32 @@ def test_the_summary_shows_the_objectives_headline_metric_and_help_shows_default
     for cmd, text in [("train", "[default: runs/<recipe name>]"), ("sample", "[default: RUN/samples/sample_nfe<NFE>.png]")]:
         out = " ".join(CliRunner().invoke(app, [cmd, "--help"], prog_name="fewstep").output.split())
         assert text in out.replace("│ ", "").replace(" │", ""), out
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_train_compile_mode_reaches_torch_compile(mode, tmp_path, monkeypatch):
+    """`train.compile_mode` is the mode torch.compile gets (the backbone only); the bench's bare step uses it too."""
+    from conftest import tiny_dict
+    from fewstep.bench import bare_step
+    from fewstep.recipe import recipe_from_dict
+
+    seen = []
+
+    def fake_compile(module, **kw):
+        seen.append((type(module).__name__, kw.get("mode")))
+        return module  # eager: what is tested is the call, not inductor
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    r = recipe_from_dict(tiny_dict(train={"steps": 2, "compile": True, "compile_mode": mode}))
+    Trainer(r, tmp_path / "run", show_progress=False).run()
+    bare_step(r, steps=1, warmup=1, device=torch.device("cpu"), flop_steps=1)
+    assert seen and all(m == mode for _, m in seen)
+    assert seen[0][0] == "DiT" and len(seen) == 2
+
+
+def test_train_compile_mode_must_be_a_torch_mode():
+    from conftest import tiny_dict
+    from fewstep.recipe import RecipeError, recipe_from_dict
+
+    with pytest.raises(RecipeError, match="compile_mode"):
+        recipe_from_dict(tiny_dict(train={"compile_mode": "fast"}))

@@ -407,7 +407,7 @@ class Trainer:
         num_params = sum(p.numel() for p in net.parameters())
         model = net
         if tr["compile"]:
-            model = torch.compile(net)
+            model = torch.compile(net, mode=tr["compile_mode"])
         # Objectives that call the unwrapped module (a JVP, say) ask for a manual all-reduce instead of DDP.
         manual_sync = info.enabled and bool(getattr(objective, "manual_grad_sync", False))
         if manual_sync:
