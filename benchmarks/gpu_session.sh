@@ -58,7 +58,7 @@ if [ "$SMALL" = 1 ]; then
   XLSET="--set backbone.size=S/8"; QS=0; CACHE="--tiny --num 16 --workers 0 --device cpu"; STATN="--num 64"; FIDN="--fid-num 16"
 else
   W="--steps 8 --warmup 15"; WL="--steps 40 --warmup 30"; NLAT512=1024; B512=""; JFA="--tokens 256 1024 --batch 64 --heads 12 --dim 64 --dtype bf16"; XLB=32; B2=""; S2=""; NLAT=4096; NCACHE=2048; SB=256
-  UNET="--set train.steps=150 --set train.batch=128 --set train.log_every=50 --set eval.grid=100"
+  UNET="--set train.steps=600 --set train.batch=128 --set train.log_every=100 --set eval.grid=100"
   XLSET=""; QS=1; CACHE="--num 1024 --workers 9 --batch 64"; STATN=""; FIDN=""
 fi
 # CPU side, in the background: the quickstart on 2 pinned cores (issue 22), and the benchmark data
