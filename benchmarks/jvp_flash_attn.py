@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fewstep.bench import Timer
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins"))
 try:
     from fewstep_plugins.dit.jvp import attention_tangent
@@ -43,29 +45,17 @@ def inputs(b, h, n, d, dtype, device, seed):
 
 
 def timed(fn, device, iters):
-    if device.type != "cuda":
-        import time
-
-        fn()  # warm-up
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - t0))
-        return statistics.median(times), float("nan")
+    """Median ms of `fn` (fewstep bench's Timer: CUDA events, or perf_counter on the CPU) after one warm-up call,
+    and the extra peak memory it allocates (GiB; NaN on the CPU)."""
+    timer = Timer(device)
     fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    times = []
-    for _ in range(iters):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(a.elapsed_time(e))
-    return statistics.median(times), (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    timer.sync()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    ms = statistics.median(timer(fn) for _ in range(iters))
+    return ms, (torch.cuda.max_memory_allocated(device) - base) / 2**30 if cuda else float("nan")
 
 
 def candidates(scale):

@@ -439,38 +439,41 @@ def sampling_rows(recipe: Recipe, *, nfes: Sequence[int], batch: int, iters: int
     if fid:
         try:
             ev = build_evaluator("fid", BuildContext(data=spec, device=device), registry=registry)
-        except Exception as exc:  # noqa: BLE001 - absent plugin or torch-fidelity
-            notes.append(f"FID feature extractor skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-        else:
-            n = fid_num or max(4 * batch, 2)
             with torch.no_grad():
                 side = data.to_images(noise[:2]).shape[-1]  # the images the evaluator would see
-            images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-            write = getattr(ev, "write_statistics", None)
-            try:
-                if not callable(write):
-                    raise NotImplementedError("the fid evaluator has no streaming feature pass (write_statistics)")
-                fbatch = min(n, 500)
-
-                def stream(m):
-                    def batches():
-                        for i in range(0, m, fbatch):
-                            yield images[i:i + fbatch]
-                    return ImageStream(batches, m, tuple(images.shape[1:]), name="random", split="bench")
-
-                with tempfile.TemporaryDirectory() as tmp:
-                    write(stream(min(n, 2 * fbatch)), Path(tmp) / "warm.npz")  # warm-up: weights, cudnn
-                    timer.sync()
-                    t0 = time.perf_counter()
-                    write(stream(n), Path(tmp) / "stats.npz")
-                    timer.sync()
-                    dt = time.perf_counter() - t0
-                rows.append(SamplingRow(f"fid features ({side}x{side} uint8)", n / dt, 1000 * dt * fbatch / n, fbatch,
-                                        note=f"the streaming pass of eval/stats over {n} images: Inception, mean and "
-                                             "covariance (no Frechet distance)"))
-            except Exception as exc:  # noqa: BLE001 - offline weights missing, etc.
-                notes.append(f"FID feature extractor skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            rows.append(fid_feature_row(ev, side, fid_num or max(4 * batch, 2), timer))
+        except Exception as exc:  # noqa: BLE001 - absent plugin or torch-fidelity, offline weights missing, etc.
+            notes.append(f"FID feature extractor skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
     return rows, notes
+
+
+def fid_feature_row(ev, side: int, n: int, timer: Timer) -> SamplingRow:
+    """Images/s of the fid evaluator's streaming feature pass (what eval and stats run: Inception, mean and
+    covariance; no Frechet distance) over `n` random side x side uint8 images, after a warm-up pass."""
+    import torch
+
+    write = getattr(ev, "write_statistics", None)
+    if not callable(write):
+        raise BenchError("the fid evaluator has no streaming feature pass (write_statistics)")
+    images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    fbatch = min(n, 500)
+
+    def stream(m):
+        def batches():
+            for i in range(0, m, fbatch):
+                yield images[i:i + fbatch]
+        return ImageStream(batches, m, tuple(images.shape[1:]), name="random", split="bench")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write(stream(min(n, 2 * fbatch)), Path(tmp) / "warm.npz")  # warm-up: weights, cudnn
+        timer.sync()
+        t0 = time.perf_counter()
+        write(stream(n), Path(tmp) / "stats.npz")
+        timer.sync()
+        dt = time.perf_counter() - t0
+    return SamplingRow(f"fid features ({side}x{side} uint8)", n / dt, 1000 * dt * fbatch / n, fbatch,
+                       note=f"the streaming pass of eval/stats over {n} images: Inception, mean and covariance "
+                            "(no Frechet distance)")
 
 
 # -- the whole command ----------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_timer_steps_calls_in_order_and_times_each_call():
     assert ms[3] > ms[0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA events); runs in the loop phase of benchmarks/gpu_session.sh on the GPU machine")
 def test_timer_steps_on_cuda_intervals_add_up_to_the_whole_window():
     from fewstep.bench import Timer
 
