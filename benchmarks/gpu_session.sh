@@ -34,6 +34,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 SMALL=${SMALL:-0}
 # PHASES: the phases to run (default all), e.g. PHASES="compiled loop" to finish a call that ran out of time
 PHASES=" ${PHASES:-quickstart xl2 b2 stats sampling sampling_bf16 cache unet s2 compiled s2long cudagraphs long loop} "
+# SIZES: which of the compiled and cudagraphs phases' two benches run (default "b2 s2")
+SIZES=" ${SIZES:-b2 s2} "
+# PROF: where the compiled and cudagraphs phases write their torch.profiler traces (`fewstep bench --profile`)
+PROF=${PROF:-$OUT/prof}
 # BUDGET: seconds after which no further phase starts (the call's limit minus the time to pack $OUT)
 has() { case "$PHASES" in *" $1 "*) ;; *) return 1;; esac
   if [ $(( $(date +%s) - T0 )) -gt "${BUDGET:-100000}" ]; then log "skip $1 (budget)"; return 1; fi; return 0; }
@@ -117,10 +121,12 @@ $F bench --recipe recipes/bench_cifar_s2.toml --set data.root=$CIFAR $S2 $W --js
 fi
 if has compiled; then
 # 8. compiled (issue 17.3)
+case "$SIZES" in *" b2 "*)
 $F bench --recipe recipes/bench_latents_b2.toml --set data.root=$BD/latents $B2 $W --compile --objectives fm,soflow,meanflow \
-  --json "$OUT/b2_compiled.json" > "$OUT/b2_compiled.txt" 2>&1; log "b2 compiled rc=$?"
+  --profile "$PROF/b2_compiled" --json "$OUT/b2_compiled.json" > "$OUT/b2_compiled.txt" 2>&1; log "b2 compiled rc=$?";; esac
+case "$SIZES" in *" s2 "*)
 $F bench --recipe recipes/bench_cifar_s2.toml --set data.root=$CIFAR $S2 $W --compile --objectives fm,soflow,meanflow \
-  --json "$OUT/s2_compiled.json" > "$OUT/s2_compiled.txt" 2>&1; log "s2 compiled rc=$?"
+  --profile "$PROF/s2_compiled" --json "$OUT/s2_compiled.json" > "$OUT/s2_compiled.txt" 2>&1; log "s2 compiled rc=$?";; esac
 fi
 if has s2long; then
 # 8b. S/2 compiled again with 40 timed steps after 30: is the train / bare spread of 8 steps noise?
@@ -130,9 +136,10 @@ fi
 if has cudagraphs; then
 # 8c. S/2 and B/2 compiled with CUDA graphs (train.compile_mode = reduce-overhead): the launch gaps of small models
 for r in bench_cifar_s2:$CIFAR bench_latents_b2:$BD/latents; do
+  case "$SIZES" in *" $([ "${r%%:*}" = bench_cifar_s2 ] && echo s2 || echo b2) "*) ;; *) continue;; esac
   $F bench --recipe recipes/${r%%:*}.toml --set data.root=${r#*:} $([ "${r%%:*}" = bench_cifar_s2 ] && echo "$S2" || echo "$B2") $W \
     --compile --set train.compile_mode=reduce-overhead --objectives fm,soflow,meanflow \
-    --json "$OUT/${r%%:*}_cudagraphs.json" > "$OUT/${r%%:*}_cudagraphs.txt" 2>&1; log "${r%%:*} cudagraphs rc=$?"
+    --profile "$PROF/${r%%:*}_cudagraphs" --json "$OUT/${r%%:*}_cudagraphs.json" > "$OUT/${r%%:*}_cudagraphs.txt" 2>&1; log "${r%%:*} cudagraphs rc=$?"
 done
 fi
 if has long; then

@@ -67,6 +67,7 @@ class StepRow:
     train_over_bare: float = float("nan")
     loss_finite: bool = True
     error: str = ""
+    profile: dict = field(default_factory=dict)  # --profile: where a step's time goes (profile_breakdown)
 
 
 @dataclass
@@ -322,9 +323,11 @@ def fused_attention_jvp(net, spec, device) -> str:
 
 
 def bare_step(recipe: Recipe, *, steps: int, warmup: int, device, registry: Any = None,
-              flop_steps: int = 2, notes: list[str] | None = None) -> StepRow:
+              flop_steps: int = 2, notes: list[str] | None = None, profile: Path | None = None,
+              label: str = "step") -> StepRow:
     """Median ms of loss + backward + optimizer step on random data, peak memory and FLOPs per step. With `notes`
-    (a list) it also probes whether forward-mode AD runs through fused attention here, and appends the answer."""
+    (a list) it also probes whether forward-mode AD runs through fused attention here, and appends the answer.
+    With `profile` (a folder) it also profiles a few more steps (profile_breakdown) and writes the trace there."""
     import torch
 
     from .build import build_components
@@ -364,6 +367,8 @@ def bare_step(recipe: Recipe, *, steps: int, warmup: int, device, registry: Any 
     if device.type == "cuda":
         row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
     row.loss_finite = bool(torch.isfinite(last["loss"]))
+    if profile is not None:
+        row.profile = profile_steps(lambda i: step(warmup + steps + i), device, Path(profile), label)
     flops = [count_flops(lambda i=i: step(warmup + steps + i, net)) for i in range(flop_steps)]
     row.ms, row.ms_min, row.ms_max = statistics.median(times), min(times), max(times)
     row.images_per_s = tr["batch"] / (row.ms / 1e3)
@@ -378,6 +383,82 @@ def bare_step(recipe: Recipe, *, steps: int, warmup: int, device, registry: Any 
         torch._dynamo.reset()
         torch.cuda.empty_cache()
     return row
+
+
+# kernel (CUDA) or operator (CPU) names -> where the time goes; first match wins
+_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "_efficient_attention", "cudnn_mha")),
+          ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                      "aten::baddbmm", "aten::_addmm", "mkldnn_matmul", "triton_tem_", "convolution", "implicit_gemm",
+                      "fprop", "dgrad", "wgrad")))
+
+
+def kernel_kind(name: str) -> str:
+    """'attention', 'matmul' or 'other' (element-wise, norms, reductions, copies, optimizer) for a kernel or
+    operator name as torch.profiler reports it."""
+    low = name.lower()
+    for kind, keys in _KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_breakdown(kernels: Sequence[tuple[str, float, int]], window_ms: float, steps: int, top: int = 12) -> dict:
+    """Where `steps` profiled steps that took `window_ms` of wall time went. `kernels`: (name, self ms summed over
+    the window, calls) of every device kernel (CUDA) or operator (CPU). Per step: ms in matrix kernels, attention,
+    everything else, and `idle_ms` = wall - busy (the device waiting for the host: launch gaps, syncs), with the
+    `top` kernels by time."""
+    busy = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for name, ms, _ in kernels:
+        busy[kernel_kind(name)] += ms
+    step_ms = window_ms / steps
+    per = {k: v / steps for k, v in busy.items()}
+    idle = max(step_ms - sum(per.values()), 0.0)
+    ranked = sorted(kernels, key=lambda k: -k[1])[:top]
+    return {"steps": steps, "step_ms": step_ms, "kernel_ms": per, "idle_ms": idle,
+            "share": {**{k: v / step_ms for k, v in per.items()}, "idle": idle / step_ms} if step_ms > 0 else {},
+            "top": [{"name": n[:160], "kind": kernel_kind(n), "ms_per_step": ms / steps, "calls_per_step": c / steps}
+                    for n, ms, c in ranked]}
+
+
+def profile_steps(fn: Callable[[int], Any], device, folder: Path, label: str, steps: int = 3) -> dict:
+    """torch.profiler over `steps` more calls of fn (launched back to back): the breakdown (profile_breakdown) and
+    the Chrome trace, gzipped, in `folder`/<label>.trace.json.gz (chrome://tracing, Perfetto)."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    timer = Timer(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    timer.sync()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            fn(i)
+        timer.sync()
+        window_ms = 1000 * (time.perf_counter() - t0)
+    kernels = []
+    for e in prof.key_averages():
+        if cuda:
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            ms = float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)) / 1e3
+        else:
+            ms = float(e.self_cpu_time_total) / 1e3
+        if ms > 0:
+            kernels.append((e.key, ms, int(e.count)))
+    out = profile_breakdown(kernels, window_ms, steps)
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_=." else "_" for c in label)
+    raw = folder / f"{safe}.trace.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    out["trace"] = f"{raw}.gz"
+    return out
 
 
 def train_step_ms(recipe: Recipe, *, steps: int, warmup: int, registry: Any = None, console: Any = None) -> float:
@@ -480,7 +561,7 @@ def fid_feature_row(ev, side: int, n: int, timer: Timer) -> SamplingRow:
 def run_bench(recipe: Recipe, *, objectives: str, batch: int | None, steps: int, warmup: int, compile: bool | None,
               train_step: bool = True, sampling: bool = False, nfes: Sequence[int] = (1, 2), sample_batch: int = 0,
               fid: bool = True, fid_num: int = 0, registry: Any = None, console: Any = None,
-              progress: Callable[[str], None] | None = None) -> BenchReport:
+              progress: Callable[[str], None] | None = None, profile: Path | None = None) -> BenchReport:
     import torch
 
     from .engine.distributed import resolve_device
@@ -507,7 +588,7 @@ def run_bench(recipe: Recipe, *, objectives: str, batch: int | None, steps: int,
                 progress(f"{label}: bare step")
             try:
                 row = bare_step(r, steps=steps, warmup=warmup, device=device, registry=registry,
-                                notes=report.notes if not report.rows else None)
+                                notes=report.notes if not report.rows else None, profile=profile, label=label)
             except torch.cuda.OutOfMemoryError:
                 row = StepRow(objective=label, error="out of memory")
                 torch._dynamo.reset()
@@ -561,12 +642,37 @@ def render(report: BenchReport):
             t.add_row(r.objective, _f(r.ms, ".1f"), _f(r.x_fm_time, ".2f"), _f(r.images_per_s, ".0f"), _f(r.peak_gib, ".1f"),
                       _f(r.x_fm_memory, ".2f"), _f(r.gflop_per_step, ".4g"), _f(r.tflops, ".3g"),
                       _f(100 * r.share_of_matmul, ".1f"), _f(r.train_ms, ".1f"), _f(r.train_over_bare, ".2f"))
-        return t
+        prof = profile_table(report)
+        if prof is None:
+            return t
+        from rich.console import Group
+
+        return Group(t, prof)
     t = Table(title=title.replace(f"batch {report.batch}", "sampling"))
     for col in ("what", "images/s", "ms/batch", "batch", "note"):
         t.add_column(col, justify="left" if col in ("what", "note") else "right")
     for r in report.sampling:
         t.add_row(r.what, _f(r.images_per_s, ".0f"), _f(r.ms_per_batch, ".1f"), str(r.batch), r.note)
+    return t
+
+
+def profile_table(report: BenchReport):
+    """--profile: a rich table of where each objective's profiled step went (None without profiles)."""
+    from rich.table import Table
+
+    rows = [r for r in report.rows if r.profile]
+    if not rows:
+        return None
+    t = Table(title="where a step goes (torch.profiler, device kernels on CUDA / operators on the CPU; "
+                    "idle = wall - busy)")
+    for col in ("objective", "step ms", "matmul", "attention", "other", "idle", "largest kernel"):
+        t.add_column(col, justify="left" if col in ("objective", "largest kernel") else "right")
+    for r in rows:
+        p, sh = r.profile, r.profile.get("share", {})
+        big = p["top"][0] if p.get("top") else {"name": "", "ms_per_step": float("nan")}
+        t.add_row(r.objective, _f(p["step_ms"], ".1f"), *(_f(100 * sh.get(k, float("nan")), ".0f") + "%"
+                                                           for k in ("matmul", "attention", "other", "idle")),
+                  f"{big['name'][:60]} ({_f(big['ms_per_step'], '.2f')} ms)")
     return t
 
 
@@ -587,6 +693,16 @@ def markdown(report: BenchReport) -> str:
                          f"{_f(r.peak_gib, '.1f')} | {_f(r.x_fm_memory, '.2f')} | {_f(r.gflop_per_step, '.4g')} | "
                          f"{_f(r.tflops, '.3g')} | {_f(100 * r.share_of_matmul, '.1f')} | {_f(r.train_ms, '.1f')} | "
                          f"{_f(r.train_over_bare, '.2f')} |")
+    prof = [r for r in report.rows if r.profile]
+    if prof:
+        lines += ["", "| objective | profiled step ms | matmul | attention | other | idle | largest kernel (ms/step) |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for r in prof:
+            p, sh = r.profile, r.profile.get("share", {})
+            big = p["top"][0] if p.get("top") else {"name": "", "ms_per_step": float("nan")}
+            lines.append(f"| {r.objective} | {_f(p['step_ms'], '.1f')} | " + " | ".join(
+                f"{_f(100 * sh.get(k, float('nan')), '.0f')}%" for k in ("matmul", "attention", "other", "idle")) +
+                f" | `{big['name'][:60]}` ({_f(big['ms_per_step'], '.2f')}) |")
     if report.sampling:
         lines += ["| what | images/s | ms/batch | batch |", "|---|---:|---:|---:|"]
         lines += [f"| {r.what} | {_f(r.images_per_s, '.0f')} | {_f(r.ms_per_batch, '.1f')} | {r.batch} |" for r in report.sampling]

@@ -42,6 +42,10 @@ def bench(
     fid: Annotated[bool, typer.Option("--fid/--no-fid", help="--sampling: also time the FID feature extractor")] = True,
     fid_num: Annotated[int, typer.Option(metavar="N", min=0, help="--sampling: images in the timed FID feature pass "
                                          "\\[default: 4x the sampling batch]")] = 0,
+    profile: Annotated[Optional[Path], typer.Option("--profile", metavar="DIR", file_okay=False,
+                                                    help="also profile 3 steps per objective with torch.profiler: a "
+                                                         "table of where a step goes (matrix kernels, attention, "
+                                                         "other, idle) and a Chrome trace per objective in DIR")] = None,
     set_: SetOpt = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", metavar="PATH", help="also write the report as JSON",
                                                       rich_help_panel="Output")] = None,
@@ -61,7 +65,8 @@ def bench(
     r = _load(recipe or _default_recipe(), set_)
     report = run_bench(r, objectives=objectives, batch=batch, steps=steps, warmup=warmup, compile=compile,
                        train_step=train_step, sampling=sampling, nfes=_int_list(nfe, "--nfe"), sample_batch=sample_batch,
-                       fid=fid, fid_num=fid_num, console=err, progress=lambda m: err.log(m))
+                       fid=fid, fid_num=fid_num, console=err, progress=lambda m: err.log(m),
+                       profile=profile)
     argv = sys.argv[1:]
     if "bench" not in argv:  # called in-process (tests, CliRunner): the command from the parsed options
         given = {"recipe": recipe, "objectives": objectives, "batch": batch, "steps": steps, "warmup": warmup,
