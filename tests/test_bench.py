@@ -124,3 +124,56 @@ def test_timer_steps_on_cuda_intervals_add_up_to_the_whole_window():
     assert len(ms) == 5 and all(m > 0 for m in ms)
     assert sum(ms) <= start.elapsed_time(end) * 1.05
     assert ms[4] > 2.5 * ms[0]  # 5 matmuls against 1: the intervals follow each call's own work
+
+
+def test_kernel_kind_sorts_cuda_kernels_and_cpu_operators():
+    from fewstep.bench import kernel_kind
+
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_kind("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT") == "matmul"
+    assert kernel_kind("aten::addmm") == "matmul" and kernel_kind("aten::mm") == "matmul"
+    assert kernel_kind("triton_tem_fused_mm_0") == "matmul"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kernel_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    # Inductor's fused element-wise kernels, norms and the optimizer are neither
+    assert kernel_kind("triton_poi_fused__to_copy_add_mul_native_layer_norm_3") == "other"
+    assert kernel_kind("triton_red_fused_convert_element_type_sum_7") == "other"
+    assert kernel_kind("void at::native::multi_tensor_apply_kernel<...AdamW...>") == "other"
+
+
+def test_profile_breakdown_splits_the_wall_time_per_step():
+    from fewstep.bench import profile_breakdown
+
+    kernels = [("nvjet_gemm_a", 30.0, 60), ("flash_fwd_kernel", 6.0, 12), ("triton_poi_fused_add_0", 9.0, 300)]
+    p = profile_breakdown(kernels, window_ms=60.0, steps=3, top=2)
+    assert p["step_ms"] == pytest.approx(20.0)
+    assert p["kernel_ms"] == pytest.approx({"matmul": 10.0, "attention": 2.0, "other": 3.0})
+    assert p["idle_ms"] == pytest.approx(5.0)  # 20 - (10 + 2 + 3): the device waited for the host
+    assert p["share"] == pytest.approx({"matmul": 0.5, "attention": 0.1, "other": 0.15, "idle": 0.25})
+    assert [k["name"] for k in p["top"]] == ["nvjet_gemm_a", "triton_poi_fused_add_0"]
+    assert p["top"][1]["calls_per_step"] == pytest.approx(100.0) and p["top"][1]["ms_per_step"] == pytest.approx(3.0)
+    # busier than the wall (overlapping streams): idle is clamped at 0, not negative
+    assert profile_breakdown([("gemm", 90.0, 1)], window_ms=60.0, steps=3)["idle_ms"] == 0.0
+
+
+def test_bench_profile_on_cpu_writes_a_trace_and_a_breakdown(tmp_path):
+    import gzip
+
+    from fewstep.cli import app
+
+    recipe = tmp_path / "tiny.toml"
+    import tomli_w
+
+    recipe.write_text(tomli_w.dumps(tiny_dict(train={"device": "cpu", "batch": 4})))
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "--recipe", str(recipe), "--objectives", "fm", "--steps", "2", "--warmup",
+                                   "1", "--no-train-step", "--profile", str(tmp_path / "prof"), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    p = json.loads(out.read_text())["rows"][0]["profile"]
+    trace = json.loads(gzip.open(p["trace"]).read())
+    assert any(e.get("name") == "aten::mm" or e.get("name") == "aten::addmm" for e in trace["traceEvents"])
+    assert p["steps"] == 3 and p["step_ms"] > 0
+    # on the CPU the operators' self times account for the step: the DiT's linear layers are most of it
+    assert p["kernel_ms"]["matmul"] > 0 and p["kernel_ms"]["attention"] > 0
+    assert sum(p["kernel_ms"].values()) + p["idle_ms"] == pytest.approx(p["step_ms"], rel=0.02)
+    assert "where a step goes" in res.output
