@@ -169,8 +169,32 @@ def slow_recipe(tmp: Path, steps: int = 100000) -> Path:
     return write_recipe(tmp, "slow.toml", train={"steps": steps, "log_every": 1, "checkpoint_every": 4})
 
 
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fewstep", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
+def start(*args, hold_after: int | None = None) -> subprocess.Popen:
+    """`fewstep ARGS` in the background. hold_after=N: from optimizer step N+1 on, each step waits (up to 120 s)
+    until a stop signal has reached the trainer's own handler, so a run cannot finish before the test's signal
+    arrives however loaded the machine is (a 30-step tiny run takes 0.1 s; the test polls every 0.1 s)."""
+    code = "import sys\nfrom fewstep.cli import main\n"
+    if hold_after is not None:
+        code += textwrap.dedent(f"""
+            import signal, time
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+            _got, _n, _signal = [], [0], signal.signal
+            def _wrap(sig, handler):
+                if sig in (signal.SIGTERM, signal.SIGUSR1) and callable(handler):
+                    def handler(signum, frame, _h=handler):
+                        _got.append(signum)
+                        return _h(signum, frame)
+                return _signal(sig, handler)
+            signal.signal = _wrap
+            def _hold(opt, args, kwargs):
+                _n[0] += 1
+                t0 = time.time()
+                while _n[0] > {hold_after} and not _got and time.time() - t0 < 120:
+                    time.sleep(0.01)
+            register_optimizer_step_post_hook(_hold)
+        """)
+    code += "sys.argv = ['fewstep'] + sys.argv[1:]\nmain()\n"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -203,7 +227,7 @@ def test_preemption_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, si
     r = write_recipe(tmp_path, train={"steps": steps, "log_every": 1, "checkpoint_every": 0})
     straight = fewstep("train", r, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
-    proc = start("train", r, "--out", tmp_path / "run")
+    proc = start("train", r, "--out", tmp_path / "run", hold_after=3)  # step 4 waits for the signal
     wait_for(lambda: metrics_lines(tmp_path / "run") >= 3)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
