@@ -239,6 +239,8 @@ def stats(
     split: Annotated[str, typer.Option(help="which split of the data source")] = "train",
     num: Annotated[int, typer.Option("--num", "-n", metavar="N", min=0, help="use the first N images (0: all; under torchrun write -n: "
                                                                    "torchrun reads --num as its own --numa-binding)")] = 0,
+    skip: Annotated[int, typer.Option("--skip", metavar="K", min=0, help="leave out the first K images of the same "
+                                      "fixed order (with --num N: images K .. K+N-1), e.g. the second half of a split")] = 0,
     batch: Annotated[int, typer.Option(metavar="B", min=1, help="images per batch")] = 256,
     metric: Annotated[Optional[str], typer.Option(metavar="NAME", help="the evaluator that writes statistics "
                                                   "\\[default: the first default evaluator that can]")] = None,
@@ -259,6 +261,8 @@ def stats(
       fewstep stats --data recipes/my_imagenet.toml --out stats/in256.npz
       torchrun --nproc-per-node 8 -m fewstep stats --data imagefolder:/data/imagenet/train -D resolution=256 --out in256.npz
       fewstep stats --data cifar10:/data/cifar10 --split test --out test.npz --reference stats/cifar10-train.npz
+      fewstep stats --data cifar10:/data/cifar10 -n 25000 --out h1.npz   # two halves of train, one scored against the other:
+      fewstep stats --data cifar10:/data/cifar10 -n 25000 --skip 25000 --out h2.npz --reference h1.npz
     """
     import time
 
@@ -292,7 +296,7 @@ def stats(
     if writer is None:
         raise EvaluationError(f"none of the evaluators {candidates} can write reference statistics; name one with --metric")
     dist, _ = _dist()
-    stream = Reference(source, source.spec.name or name, split, num).stream(batch, dist, None)
+    stream = Reference(source, source.spec.name or name, split, num, skip=skip).stream(batch, dist, None)
     from rich.progress import Progress
 
     with Progress(console=err, disable=not dist.is_main) as prog:
@@ -302,13 +306,14 @@ def stats(
         took = time.perf_counter() - t0
     n = record.get("num", 0)
     if dist.is_main:
-        console.print(f"wrote {out} ({n} images of {name} {split}, {record.get('features', '?')}-d features; "
+        part = f" after the first {skip}" if skip else ""
+        console.print(f"wrote {out} ({n} images of {name} {split}{part}, {record.get('features', '?')}-d features; "
                       f"{took:.1f} s, {n / max(took, 1e-9):,.0f} images/s end to end)", highlight=False)
     if reference is None:
         return
     if not callable(getattr(writer, "evaluate_stream", None)):
         raise EvaluationError(f"evaluator {wname!r} cannot score a stream against stored statistics")
-    gen = Reference(source, source.spec.name or name, split, num).stream(batch, dist, None)
+    gen = Reference(source, source.spec.name or name, split, num, skip=skip).stream(batch, dist, None)
     ref = Reference(None, reference.stem, "stored statistics", 0, statistics=reference).stream(batch, dist, None)
     with Progress(console=err, disable=not dist.is_main) as prog:
         task = prog.add_task(f"{name} {split} against {reference.name}", total=num or None)

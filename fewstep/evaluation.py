@@ -247,7 +247,8 @@ def generated_batches(loaded, n: int, nfe: int, seed: int, batch: int, dist: Dis
 
 @dataclass
 class Reference:
-    """Where reference images come from: the data source's `split`, its first `num` images."""
+    """Where reference images come from: the data source's `split`, its `num` images (0: all) after the first `skip`
+    of its fixed order (two halves of a split: skip 0 and skip N/2, each with num N/2)."""
 
     data: Any
     name: str
@@ -256,13 +257,17 @@ class Reference:
     statistics: Path | None = None
     key: str = ""
     _samples: Any = None
+    skip: int = 0
+
+    def _limit(self) -> int | None:
+        return self.skip + self.num if self.num else None
 
     @property
     def samples(self):
         """(N, ...) float samples, all at once (non-streaming evaluators)."""
         if self._samples is None:
             try:
-                self._samples = self.data.reference_images(self.split, limit=self.num or None)
+                self._samples = self.data.reference_images(self.split, limit=self._limit())[self.skip:]
             except NotImplementedError as exc:
                 raise EvaluationError(f"data source {self.name!r} cannot provide reference images: {exc}") from None
         return self._samples
@@ -272,8 +277,15 @@ class Reference:
 
         def batches():
             try:
-                for x in self.data.reference_batches(self.split, batch, self.num or None, dist.rank, dist.world):
-                    yield to_uint8(x)
+                # rank r's k-th batch is global batch r + k * world (the reference_batches contract), so its first
+                # row has index (r + k * world) * batch: rows before `skip` are dropped, on every rank alike
+                for k, x in enumerate(self.data.reference_batches(self.split, batch, self._limit(), dist.rank,
+                                                                  dist.world)):
+                    drop = self.skip - (dist.rank + k * dist.world) * batch
+                    if drop > 0:
+                        x = x[drop:]
+                    if len(x):
+                        yield to_uint8(x)
             except NotImplementedError as exc:
                 raise EvaluationError(f"data source {self.name!r} cannot provide reference images: {exc}") from None
 

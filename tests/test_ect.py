@@ -117,6 +117,28 @@ def test_denoiser_feeds_the_backbone_c_in_x_and_t_fm_for_both_times():
         torch.testing.assert_close(out[i], c_skip * x[i] + c_out * (0.7 * c_in * x[i] + 0.3 * sg / (1 + sg)))
 
 
+
+def test_noise_input_edm_feeds_the_official_c_noise_through_the_recipe_option():
+    """noise_input = "edm": both time inputs get ln(sigma) / 4 (EDM's c_noise), the coefficients are unchanged;
+    the option reaches the denoiser from a recipe's [objective] table."""
+    pc = EDMPrecond(SD, SMIN, SMAX, "edm")
+    net = Recorder().train()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    sigma = torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64)
+    out = pc.denoise(net, x, sigma, None)
+    (xin, t, s), = net.calls
+    assert torch.equal(t, s)
+    torch.testing.assert_close(t, torch.tensor([math.log(0.002) / 4, 0.0, math.log(80.0) / 4], dtype=torch.float64))
+    for i, sg in enumerate(sigma.tolist()):
+        c_skip, c_out, c_in = coeffs(sg, True)
+        torch.testing.assert_close(out[i], c_skip * x[i] + c_out * (0.7 * c_in * x[i] + 0.3 * math.log(sg) / 4))
+    from fewstep.api import Registry
+
+    spec = Registry().get("objective", "ect")
+    ctx = BuildContext(data=DataSpec((1, 4, 4), 0))
+    assert spec.create(ctx, noise_input="edm").precond.noise_input == "edm"
+    assert spec.create(ctx).precond.noise_input == "fm"  # the default: what an init_from flow-matching run saw
+
 # -- (t, r) schedules -------------------------------------------------------------------------------
 
 def test_ect_r_schedule_values():

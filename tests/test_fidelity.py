@@ -393,6 +393,44 @@ def test_stats_command_writes_statistics_and_scores_a_split_against_stored_ones(
     assert res.exit_code == 2 and "missing.npz" in res.output
 
 
+def test_stats_skip_takes_the_images_after_the_first_k_of_the_same_order(tmp_path):
+    """`--skip K --num N`: images K .. K+N-1 (the two-halves sanity figure): its FID against the first K equals
+    torch-fidelity's on exactly those images, and a Reference with skip streams the same rows on 1 or 2 ranks."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from fewstep.cli import app
+    from fewstep.evaluation import Dist, Reference
+
+    common = ["--data", "digits", "--metric", "fid", "-O", "feature_extractor=fewstep-pool48"]
+    a = tmp_path / "h1.npz"
+    assert CliRunner().invoke(app, ["stats", *common, "-n", "300", "--out", str(a)]).exit_code == 0
+    res = CliRunner().invoke(app, ["stats", *common, "-n", "250", "--skip", "300", "--out", str(tmp_path / "h2.npz"),
+                                   "--reference", str(a)], prog_name="fewstep")
+    assert res.exit_code == 0, res.output
+    assert "250 images of digits train after the first 300" in res.output
+    got = float(re.search(r"fid\(digits train, 250 images; .*\) = ([0-9.]+)", res.output).group(1))
+    imgs = digits_stream_images(550)
+    want = evaluator("fid").evaluate(imgs[300:], imgs[:300])["fid"]
+    assert got == pytest.approx(want, abs=1e-4) and want > 0
+    whole = evaluator("fid").evaluate(digits_stream_images(250), imgs[:300])["fid"]
+    assert abs(whole - want) > 1e-3  # the skip changed which images were scored
+
+    from fewstep.api import BuildContext
+    from fewstep.registry import get_registry
+
+    spec = get_registry().get("dataset", "digits")
+    src = spec.build(BuildContext(), **spec.options.resolve({}))
+    ref = Reference(src, "digits", "train", 70, skip=45)
+    for world in (1, 2):  # skip 45, batch 16: the batch of rows 32-47 is cut, those before dropped whole
+        rows = torch.cat([b for rank in range(world) for b in ref.stream(16, Dist(rank, world), None).batches()])
+        want_rows = imgs[45:115]
+        assert rows.shape == want_rows.shape
+        assert sorted(map(bytes, rows.flatten(1).numpy())) == sorted(map(bytes, want_rows.flatten(1).numpy()))
+    assert torch.equal(ref.samples, src.reference_images("train", limit=115)[45:])  # the all-at-once path too
+
+
 def digits_stream_images(n):
     """The digits data source's first n reference images as uint8, as `fewstep stats` streams them."""
     from fewstep.api import BuildContext

@@ -95,6 +95,13 @@ COMMON = ["train.steps=2", "train.batch=4", "train.log_every=1", "train.checkpoi
           "eval.grid=4", "eval.nfe=[1]", "train.device=cpu", "train.compile=false"]
 
 
+def test_ect_cifar10_feeds_the_official_noise_input_and_its_tuning_variant_the_flow_matching_time():
+    ect = load_recipe(RECIPES / "ect_cifar10.toml").objective.options
+    tune = load_recipe(RECIPES / "ect_cifar10_tune.toml").objective.options
+    assert (ect["noise_input"], ect["sigma_min"]) == ("edm", 0.003)  # networks.py:713 ln(sigma)/4, :684 sigma_min
+    assert (tune["noise_input"], tune["init_from"]) == ("fm", "runs/fm_cifar10")  # what the FM run's network saw
+
+
 @pytest.mark.parametrize("name", ["soflow_cifar10", "meanflow_cifar10", "ect_cifar10", "fm_cifar10", "ect_cifar10_tune"])
 def test_a_few_cpu_steps_of_each_cifar_recipe(name, roots, tmp_path):
     from fewstep.engine.trainer import Trainer

@@ -267,6 +267,26 @@ def test_channels_last_gives_the_same_numbers():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_activation_keeps_the_layout_asked_for(channels_last):
+    """The attention output is a transposed view (channels-last strides); it goes back to the network's layout, so
+    a channels_last = false network stays in the standard layout throughout (and dropout draws its masks in the
+    same order as the official code's), and a channels_last = true one stays channels-last."""
+    net = perturbed(unet(**TINY))
+    net.channels_last = channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append((type(m).__name__, out)))
+             for m in net.modules() if hasattr(m, "attend")]
+    x, t, s = inputs(3)
+    net(x, t, s)
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= 2  # the 8x8 attention blocks and the middle one
+    for name, out in seen:
+        assert out.is_contiguous(memory_format=fmt), name
+
+
 @pytest.mark.parametrize("mode", ["down", "up"])
 def test_box_filter_fast_path_equals_the_fir_convolution(mode):
     x = torch.randn(2, 3, 8, 8)

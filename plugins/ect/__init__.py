@@ -37,6 +37,9 @@ OPTIONS = [
     Option("sigma_data", float, 0.5, "EDM sigma_data", gt=0),
     Option("sigma_min", float, 0.002, "eval-mode boundary D(x, sigma_min) = x (and iCT's grid minimum)", gt=0),
     Option("sigma_max", float, 80.0, "largest noise level: samplers start at x = sigma_max e", gt=0),
+    Option("noise_input", str, "fm", "what the backbone's time inputs get for noise level sigma: 'edm' = "
+           "ln(sigma) / 4 (official c_noise), 'fm' = sigma / (1 + sigma) (the time a fewstep flow-matching run saw: "
+           "for init_from warm starts)", choices=("fm", "edm")),
     # how to start
     Option("init_from", str, "", "'' = from scratch; a fewstep run folder (or checkpoint folder) whose first EMA copy "
            "is loaded into the backbone on a fresh run (weight-transfer warm start)"),

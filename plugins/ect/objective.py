@@ -58,13 +58,14 @@ class ECT(Objective):
 
     def __init__(self, ctx: BuildContext, *, schedule: str, p_mean: float, p_std: float, mapping: str, q: float, k: float, b: float,
                  double_every: int, s0: int, s1: int, rho: float, total_steps: int, c: float, sigma_data: float,
-                 sigma_min: float, sigma_max: float, init_from: str, grad_nan_to_num: bool):
+                 sigma_min: float, sigma_max: float, init_from: str, grad_nan_to_num: bool,
+                 noise_input: str):
         super().__init__(ctx)
         if not sigma_min < sigma_max:
             raise ValueError(f"ect: sigma_min ({sigma_min}) must be below sigma_max ({sigma_max})")
         if s1 < s0:
             raise ValueError(f"ect: s1 ({s1}) must be at least s0 ({s0})")
-        self.precond = EDMPrecond(sigma_data, sigma_min, sigma_max)
+        self.precond = EDMPrecond(sigma_data, sigma_min, sigma_max, noise_input)
         self.schedule = schedule
         self.p_mean, self.p_std = p_mean, p_std
         self.mapping, self.q, self.k, self.b, self.double_every = mapping, q, k, b, double_every

@@ -16,12 +16,13 @@ fewstep's core convention is t = 0 data, t = 1 noise, x_t = (1 - t) x0 + t e. Th
 same path up to a rescaling: x_fm = x_ve / (1 + sigma) at t = sigma / (1 + sigma)
 (equivalently sigma = t / (1 - t)).
 
-Noise conditioning (the one necessary deviation): EDM feeds c_noise = ln(sigma) / 4 to its
-UNet. fewstep backbones take two times t, s in [0, 1] and embed t and the gap t - s, so the
-noise level goes in as t_fm = sigma / (1 + sigma) for both inputs (gap 0). That is a monotone
-reparameterisation of the same information, it stays in the range the backbones were built
-and initialised for, and it is exactly what a flow-matching network trained by this project
-saw (t = s = t_fm), which is what makes the `init_from` warm start meaningful.
+Noise conditioning (option `noise_input`): EDM feeds c_noise = ln(sigma) / 4 to its UNet
+("edm", the official value). fewstep backbones take two times t, s and embed t and the gap
+t - s; with "edm" both receive c_noise (gap 0), which with the `unet` backbone is ECT's network
+exactly (its gap columns then see a constant). "fm" feeds t_fm = sigma / (1 + sigma) instead: a
+monotone reparameterisation of the same information, in the [0, 1] range the backbones' time
+embeddings were built for, and exactly what a flow-matching network trained by this project saw
+(t = s = t_fm), which is what makes an `init_from` warm start from such a run meaningful.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class EDMPrecond:
     sigma_data: float  # the values come from the objective's declared options (plugins/ect/__init__.py)
     sigma_min: float
     sigma_max: float
+    noise_input: str = "fm"  # "fm": t = sigma / (1 + sigma); "edm": ln(sigma) / 4
 
     def coefficients(self, sigma: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c_skip, c_out, c_in), each shaped like sigma (B,)."""
@@ -71,16 +73,18 @@ class EDMPrecond:
         c_in = 1 / root
         return c_skip, c_out, c_in
 
-    @staticmethod
-    def noise_input(sigma: torch.Tensor) -> torch.Tensor:
-        """What the backbone's time inputs receive for noise level sigma: t_fm = sigma / (1 + sigma)."""
+    def time_input(self, sigma: torch.Tensor) -> torch.Tensor:
+        """What the backbone's two time inputs receive for noise level sigma: t_fm = sigma / (1 + sigma) ("fm"), or
+        EDM's c_noise = ln(sigma) / 4 ("edm")."""
+        if self.noise_input == "edm":
+            return torch.log(sigma) / 4
         return sigma_to_t(sigma)
 
     def denoise(self, net, x: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor | None, **cond) -> torch.Tensor:
         """D(x, sigma): x (B, ...) in the VE convention, sigma (B,) > 0; returns the x0 estimate. `cond`: the
         batch's extra conditions (augmentation labels), handed to the backbone as they are."""
         c_skip, c_out, c_in = self.coefficients(sigma.to(x.dtype), net.training)
-        t_in = self.noise_input(sigma)
+        t_in = self.time_input(sigma)
         f = net(expand_like(c_in, x) * x, t_in, t_in, y, **cond)
         return expand_like(c_skip, x) * x + expand_like(c_out, x) * f.to(x.dtype)
 

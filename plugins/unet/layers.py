@@ -189,7 +189,11 @@ class UNetBlock(nn.Module):
             dt = torch.promote_types(q.dtype, torch.float32)
             w = torch.einsum("bnqd,bnkd->bnqk", q.to(dt), k.to(dt)) / math.sqrt(d)  # (B, n, L, L)
             a = torch.einsum("bnqk,bnkd->bnqd", w.softmax(dim=-1).to(v.dtype), v)
-        return a.transpose(2, 3).reshape(b, c, hh, ww)  # channel = head * d + i
+        out = a.transpose(2, 3).reshape(b, c, hh, ww)  # channel = head * d + i; a view with channels-last strides
+        # back to x's layout: otherwise every later activation (and the order dropout draws its masks in) silently
+        # turns channels-last on a channels_last = false network
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv0(F.silu(self.norm0(x)))  # (B, cout, H', W')
