@@ -102,36 +102,28 @@ def test_eval_boundary_is_exact_and_train_mode_is_not():
     assert not torch.equal(pc.denoise(net, x, sigma, None), x)
 
 
-def test_denoiser_feeds_the_backbone_c_in_x_and_t_fm_for_both_times():
-    pc = EDMPrecond(SD, SMIN, SMAX)
+@pytest.mark.parametrize("noise_input, sigmas, time_of", [
+    ("fm", [0.1, 1.0, 20.0], lambda sg: sg / (1 + sg)),  # t_fm = sigma / (1 + sigma)
+    ("edm", [0.002, 1.0, 80.0], lambda sg: math.log(sg) / 4),  # EDM's c_noise (training/networks.py:713)
+])
+def test_denoiser_feeds_the_backbone_c_in_x_and_the_noise_input_for_both_times(noise_input, sigmas, time_of):
+    """Both time inputs get the same value (t_fm, or ln(sigma) / 4 with noise_input = "edm"); the coefficients do
+    not depend on the noise input."""
+    pc = EDMPrecond(SD, SMIN, SMAX, noise_input)
     net = Recorder().train()
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
-    sigma = torch.tensor([0.1, 1.0, 20.0], dtype=torch.float64)
+    sigma = torch.tensor(sigmas, dtype=torch.float64)
     out = pc.denoise(net, x, sigma, None)
     (xin, t, s), = net.calls
     assert torch.equal(t, s)
-    torch.testing.assert_close(t, sigma / (1 + sigma))
-    for i, sg in enumerate(sigma.tolist()):
+    torch.testing.assert_close(t, torch.tensor([time_of(sg) for sg in sigmas], dtype=torch.float64))
+    for i, sg in enumerate(sigmas):
         c_skip, c_out, c_in = coeffs(sg, True)
         torch.testing.assert_close(xin[i], c_in * x[i])
-        torch.testing.assert_close(out[i], c_skip * x[i] + c_out * (0.7 * c_in * x[i] + 0.3 * sg / (1 + sg)))
+        torch.testing.assert_close(out[i], c_skip * x[i] + c_out * (0.7 * c_in * x[i] + 0.3 * time_of(sg)))
 
 
-
-def test_noise_input_edm_feeds_the_official_c_noise_through_the_recipe_option():
-    """noise_input = "edm": both time inputs get ln(sigma) / 4 (EDM's c_noise), the coefficients are unchanged;
-    the option reaches the denoiser from a recipe's [objective] table."""
-    pc = EDMPrecond(SD, SMIN, SMAX, "edm")
-    net = Recorder().train()
-    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
-    sigma = torch.tensor([0.002, 1.0, 80.0], dtype=torch.float64)
-    out = pc.denoise(net, x, sigma, None)
-    (xin, t, s), = net.calls
-    assert torch.equal(t, s)
-    torch.testing.assert_close(t, torch.tensor([math.log(0.002) / 4, 0.0, math.log(80.0) / 4], dtype=torch.float64))
-    for i, sg in enumerate(sigma.tolist()):
-        c_skip, c_out, c_in = coeffs(sg, True)
-        torch.testing.assert_close(out[i], c_skip * x[i] + c_out * (0.7 * c_in * x[i] + 0.3 * math.log(sg) / 4))
+def test_noise_input_reaches_the_denoiser_from_the_objective_options():
     from fewstep.api import Registry
 
     spec = Registry().get("objective", "ect")
