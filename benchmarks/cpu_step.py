@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from fewstep.build import build_components  # noqa: E402
-from fewstep.engine.ema import EMA  # noqa: E402
+from fewstep.engine.ema import ema_from_train  # noqa: E402
 from fewstep.engine.trainer import make_optimizer  # noqa: E402
 from fewstep.interfaces import Batch  # noqa: E402
 from fewstep.recipe import load_recipe  # noqa: E402
@@ -76,7 +76,7 @@ def setup(recipe_path: Path, batch: int, reg: Registry):
     comps = build_components(r, device=torch.device("cpu"), registry=reg)
     net = comps.net
     opt = make_optimizer([p for p in net.parameters() if p.requires_grad], r.train, torch.device("cpu"))
-    ema = EMA(net, r.train["ema"], r.train["ema_every"])
+    ema = ema_from_train(net, r.train)
     batches = comps.data.batches(batch, seed=0)
     names = ("guidance forward v_u, v_c (no grad)", "teacher forward f(x_l, l, s) (no grad)")
     return r, net, Tagged(net, names), comps.objective, opt, ema, batches

@@ -196,7 +196,7 @@ def sample(
                             device=loaded.device, balanced=True, progress=lambda n: prog.advance(task, n))
         out.parent.mkdir(parents=True, exist_ok=True)
         save_sample_grid(loaded.data, imgs, out, objective=loaded.recipe.objective.name, nfe=nfe, step=loaded.step,
-                         ema=loaded.ema_decay)
+                         ema=loaded.ema_label)
     console.print(f"wrote {out}")
 
 

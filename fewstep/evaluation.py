@@ -424,9 +424,11 @@ def protocol(loaded, settings: EvalSettings, evaluators: dict[str, Evaluator], e
              reference: Reference) -> dict[str, Any]:
     """What produced the numbers: enough to reproduce them."""
     r = loaded.recipe
-    decays = r.train["ema"]
+    from .engine.ema import ema_labels
+
+    labels = ema_labels(r.train)
     return {
-        "weights": f"EMA copy {ema_index} (decay {decays[ema_index]})" if ema_index >= 0 else "raw weights",
+        "weights": f"EMA copy {ema_index} (decay {labels[ema_index]})" if ema_index >= 0 else "raw weights",
         "num_samples": settings.num,
         "labels": "uniform random" if loaded.data.spec.num_classes > 0 else "unconditional",
         "noise_seed": settings.seed,

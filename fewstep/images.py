@@ -76,7 +76,7 @@ def _fit(draw, text: str, font, width: float) -> str:
     return text + "…"
 
 
-def grid_captions(objective: str, step: int | None, nfe: int, ema: float | None, num_classes: int, nrow: int | None,
+def grid_captions(objective: str, step: int | None, nfe: int, ema: float | str | None, num_classes: int, nrow: int | None,
                   class_names: tuple[str, ...] = ()) -> dict:
     """The caption and column labels of a sample grid: objective, step, NFE and EMA copy; a class per column when
     the grid's columns are the classes (labelled data, `nrow == num_classes`)."""
@@ -85,7 +85,7 @@ def grid_captions(objective: str, step: int | None, nfe: int, ema: float | None,
         parts.append(f"step {step}")
     parts.append(f"{nfe} NFE")
     if ema is not None:
-        parts.append(f"EMA {ema:g}")
+        parts.append(f"EMA {ema:g}" if isinstance(ema, float) else f"EMA {ema}")
     labels = None
     if num_classes > 0 and nrow == num_classes:
         labels = list(class_names) if len(class_names) == num_classes else [str(k) for k in range(num_classes)]

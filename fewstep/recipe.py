@@ -50,7 +50,12 @@ TRAIN_OPTIONS = OptionSet([
     Option("weight_decay", float, 0.0, "decoupled (adamw) or L2 (adam/radam) weight decay", ge=0),
     Option("adam_eps", float, 1e-8, "Adam epsilon", gt=0),
     Option("warmup_steps", int, 0, "linear learning-rate warm-up steps (0: constant lr)", ge=0),
-    Option("ema", float, [0.9999], "EMA decays (one EMA copy per decay; the first is used for sampling)", is_list=True, ge=0, lt=1),
+    Option("ema", float, [0.9999], "EMA decays (one EMA copy per decay, after any ema_halflife_kimg copies; copy 0 is used for sampling)", is_list=True, ge=0, lt=1),
+    Option("ema_halflife_kimg", float, [], "EDM half-life EMA copies, half-life in thousands of images (the sCT "
+           "paper's CIFAR-10 EMA: 500); they come first (copy 0 is sampled), before the constant `ema` decays",
+           is_list=True, gt=0),
+    Option("ema_rampup", float, 0.05, "EDM's EMA ramp-up ratio for the half-life copies: the half-life is at most "
+           "this share of the images seen so far (0: off)", ge=0),
     Option("ema_every", int, 1, "update the EMA every N steps with decay**N (CIFAR recipes use 16)", ge=1),
     Option("grad_clip", float, 0.0, "clip the global grad norm to this value (0: off, the official default)", ge=0),
     Option("precision", str, "fp32", "fp32, tf32 (TF32 matmuls on CUDA) or bf16 (bf16 autocast)", choices=("fp32", "tf32", "bf16")),
@@ -300,6 +305,9 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
         b, a = resolved["train"]["batch"], resolved["train"]["accum"]
         raise RecipeError(where("train", "accum"), "train.accum", f"train.batch = {b} cannot be cut into {a} equal "
                           f"micro-batches; choose a batch divisible by {a} (and by the number of GPUs times {a})")
+    if not resolved["train"]["ema"] and not resolved["train"]["ema_halflife_kimg"]:
+        raise RecipeError(where("train", "ema"), "train.ema", "no EMA copy: give at least one decay in train.ema (or "
+                          "a half-life in train.ema_halflife_kimg); sampling and evaluation read copy 0")
     if len(resolved["train"]["betas"]) != 2:
         raise RecipeError(where("train", "betas"), "train.betas", f"needs exactly two values, got {resolved['train']['betas']}")
     loggers: dict[str, dict[str, Any]] = {}

@@ -223,7 +223,7 @@ def write_previews(comparison, console: Any, registry=None) -> dict[tuple[str, i
                                 seed=ev["seed"], batch=ev["batch"], device=loaded.device, balanced=True)
                 path = spec.out / "samples" / f"{file_slug(run.label)}_nfe{nfe}.png"
                 grids[(run.label, nfe)] = save_sample_grid(loaded.data, imgs, path, objective=loaded.recipe.objective.name,
-                                                           nfe=nfe, step=loaded.step, ema=loaded.ema_decay)
+                                                           nfe=nfe, step=loaded.step, ema=loaded.ema_label)
             except Exception as exc:  # noqa: BLE001 - as above
                 console.log(f"[red]preview {run.label} nfe {nfe} failed: {type(exc).__name__}: {exc}")
     return grids

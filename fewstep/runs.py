@@ -34,9 +34,18 @@ class LoadedRun:
 
     @property
     def ema_decay(self) -> float | None:
-        """The decay of the loaded EMA copy (None for the raw weights)."""
+        """The constant decay of the loaded EMA copy (None for the raw weights and for a half-life copy)."""
+        i = self.ema_index - len(self.recipe.train.get("ema_halflife_kimg", []))
         decays = self.recipe.train["ema"]
-        return decays[self.ema_index] if 0 <= self.ema_index < len(decays) else None
+        return decays[i] if self.ema_index >= 0 and 0 <= i < len(decays) else None
+
+    @property
+    def ema_label(self) -> str | None:
+        """What the loaded EMA copy is ('0.9999', '500 kimg half-life (ramp-up 0.05)'; None for the raw weights)."""
+        from .engine.ema import ema_labels
+
+        labels = ema_labels(self.recipe.train)
+        return labels[self.ema_index] if 0 <= self.ema_index < len(labels) else None
 
 
 def load_model(run_dir: str | Path, ema_index: int = 0, device: str = "auto", registry: Any = None) -> LoadedRun:
@@ -68,7 +77,7 @@ def write_run(recipe: Recipe, run_dir: str | Path, model: dict[str, torch.Tensor
     from). The optimizer state is fresh (a `--resume` continues with new moments). Refuses a folder that holds a run.
     Returns the checkpoint folder; `fewstep sample RUN` and `fewstep eval RUN` read the run like a trained one.
     """
-    from .engine.ema import EMA
+    from .engine.ema import ema_from_train
     from .engine.trainer import make_optimizer
 
     run_dir = Path(run_dir)
@@ -78,7 +87,7 @@ def write_run(recipe: Recipe, run_dir: str | Path, model: dict[str, torch.Tensor
     net = comps.net
     where = Path(source or "the imported weights")
     ckpt.load_into(net, model, where)
-    copies = EMA(net, recipe.train["ema"], recipe.train["ema_every"])
+    copies = ema_from_train(net, recipe.train)
     given = list(ema or [model])
     for i, shadow in enumerate(copies.shadows):
         state = given[min(i, len(given) - 1)]

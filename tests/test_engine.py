@@ -1,5 +1,6 @@
 """The training loop: bit-identical resume, non-finite steps, EMA, checkpoints, run folder."""
 import json
+import math
 
 import pytest
 import torch
@@ -183,6 +184,53 @@ def test_ema_every_n_accumulates_in_float64_like_the_official_code():
     for k in ref:
         assert torch.equal(ema.shadows[0][k], ref[k]), k
     assert any(not torch.equal(ref[k], f32[k]) for k in ref)  # float32 accumulation rounds differently
+
+
+def test_halflife_ema_is_edms_rule():
+    """EDM training_loop.py: beta = 0.5 ** (B / max(min(H, rampup * nimg_before), 1e-8)), ema = lerp(w, ema, beta),
+    restated in float64 step by step; the first update copies the weights; the 500 kimg half-life at batch 512 is
+    the constant 0.5 ** (512 / 5e5) = 0.999290 once the ramp-up is over (10 Mimg = 19532 updates)."""
+    from fewstep.engine.ema import halflife_beta
+
+    assert halflife_beta(1, 500, 0.05, 512) == 0.0
+    assert halflife_beta(2, 500, 0.05, 512) == 0.5 ** (512 / (512 * 0.05))  # 0.5 ** 20
+    assert halflife_beta(30_000, 500, 0.05, 512) == pytest.approx(0.9992904, abs=1e-7)
+    assert halflife_beta(2, 500, 0.0, 512) == 0.5 ** (512 / 5e5)  # no ramp-up
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 8)
+    B, H, r = 4, 0.1, 0.5  # half-life 100 images, ramped up over the first 200 images = 50 updates
+    ema = EMA(net, [0.9], halflife_kimg=[H], rampup=r, batch=B)
+    ref = None
+    for step in range(1, 81):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        ema.update(net, step)
+        w = {k: v.detach().double() for k, v in net.state_dict().items()}
+        h = min(H * 1000, (step - 1) * B * r)
+        beta = 0.5 ** (B / max(h, 1e-8))
+        ref = dict(w) if ref is None else {k: w[k] + beta * (ref[k] - w[k]) for k in w}
+        if step == 1:
+            assert all(torch.equal(ema.shadows[0][k], net.state_dict()[k]) for k in w)  # beta = 0: a copy
+    for k in ref:
+        torch.testing.assert_close(ema.shadows[0][k].double(), ref[k], atol=2e-6, rtol=0)
+    assert ema.decay(1, 80) == 0.9  # the constant copy comes after the half-life copy
+    # every = N: the product of the N betas of its steps
+    e4 = EMA(net, [], every=4, halflife_kimg=[H], rampup=r, batch=B)
+    assert e4.decay(0, 8) == pytest.approx(math.prod(halflife_beta(k, H, r, B) for k in range(5, 9)), rel=1e-15)
+
+
+def test_halflife_ema_copies_in_a_run_and_in_the_recipe(tmp_path, tiny):
+    r = tiny(train={"steps": 1, "ema": [0.5], "ema_halflife_kimg": [500]})
+    Trainer(r, tmp_path / "run", show_progress=False).run()
+    root = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    model, ema = load_file(root / "model.safetensors"), load_file(root / "ema.safetensors")
+    assert all(torch.equal(ema[f"ema0.{k}"], v.float()) for k, v in model.items())  # first update: beta = 0
+    assert not all(torch.equal(ema[f"ema1.{k}"], v.float()) for k, v in model.items())  # the 0.5 copy
+    from fewstep.engine.ema import ema_labels
+    assert ema_labels(r.train) == ["500 kimg half-life (ramp-up 0.05)", "0.5"]
+    res = CliRunner().invoke(app, ["check", "recipes/quickstart.toml", "--set", "train.ema=[]"])
+    assert res.exit_code == 2 and "train.ema" in res.output and "no EMA copy" in res.output
 
 
 def test_checkpoint_layout_and_safe_loading(tmp_path, tiny):

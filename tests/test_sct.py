@@ -166,6 +166,30 @@ def test_adaptive_weight_converges_to_log_d_over_ell():
     assert abs(head(a)[0].item() - math.log(D / ell)) < 1e-3
 
 
+def test_adaptive_weight_is_float32_under_bf16_autocast():
+    """Near its optimum w ~ log(D) ~ 8, bf16 spacing is 0.0625 (e^w in 6.4% steps): the head must not round."""
+    from fewstep_plugins.sct.objective import AdaptiveWeight
+
+    torch.manual_seed(0)
+    head = AdaptiveWeight(16)
+    with torch.no_grad():
+        head.linear.weight.copy_(0.002 * torch.randn_like(head.linear.weight))
+        head.linear.bias.fill_(8.0)
+    a = torch.linspace(0.1, 1.5, 7)
+    plain = head(a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = head(a)
+    assert auto.dtype == torch.float32
+    assert torch.equal(auto, plain)
+    # the float64 closed form of the same head
+    half = 8
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    arg = a.double()[:, None] * freqs[None]
+    ref = torch.cat([arg.cos(), arg.sin()], -1) @ head.linear.weight.double()[0] + 8.0
+    assert torch.allclose(auto.double(), ref, atol=1e-5)
+    assert (ref.max() - ref.min()) < 0.0625 and len(set(auto.tolist())) == 7  # time dependence below bf16 spacing kept
+
+
 def test_loss_trains_the_weighting_head_and_shares_dropout_masks():
     from conftest import make_dit
 

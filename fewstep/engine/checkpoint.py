@@ -90,7 +90,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, ema: Any, opt
     tmp.mkdir()
     save_file(_contiguous(model.state_dict()), str(tmp / "model.safetensors"), metadata={"step": str(step)})
     save_file(_contiguous(ema.state_dict()), str(tmp / "ema.safetensors"),
-              metadata={"step": str(step), "decays": json.dumps(ema.decays), "every": str(ema.every)})
+              metadata={"step": str(step), "decays": json.dumps(ema.decays), "every": str(ema.every),
+                        "halflife_kimg": json.dumps(ema.halflife_kimg), "rampup": str(ema.rampup)})
     torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "step": step}, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, **extra}, indent=2, default=str))
     for f in tmp.iterdir():  # flush file contents before the rename makes them visible

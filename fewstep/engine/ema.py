@@ -9,6 +9,13 @@ each the official one for its setting:
   precision", py-meanflow models/ema.py update_ema_net): D = d**N, then e <- D e + (1 - D) w computed in
   float64 and stored back in float32.
 
+EDM's half-life EMA (`train.ema_halflife_kimg`, the sCT paper's CIFAR-10 EMA; NVlabs/edm training_loop.py,
+"Update EMA"): at optimizer update k (1-based) with global batch B, cur_nimg = (k - 1) B images done before it,
+h = min(1000 H, rampup * cur_nimg) (h = 1000 H without ramp-up), beta_k = 0.5 ** (B / max(h, 1e-8)) -- so the
+first update copies the weights (beta = 0) and the half-life grows with the images seen until it reaches H.
+These copies come first (copy 0 is the sampled one), before the constant `train.ema` decays. With every = N
+they apply the product of the N betas of their steps, which is d**N for a constant decay.
+
 Both run as fused `torch._foreach_*` updates over all tensors at once (a few kernels per copy, not two per
 parameter), with the same operations in the same order as the per-parameter formulas above, so the result is
 the same number (tests/test_loop_sync.py). `update(..., ok=flag)` takes a 0-dim bool tensor on the weights'
@@ -35,12 +42,38 @@ def _chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
         yield out
 
 
+def ema_labels(train: dict) -> list[str]:
+    """What each EMA copy of a resolved [train] table is, in copy order: '500 kimg half-life' or '0.9999'."""
+    ramp = float(train.get("ema_rampup", 0.0))
+    hl = [f"{h:g} kimg half-life" + (f" (ramp-up {ramp:g})" if ramp > 0 else "") for h in train.get("ema_halflife_kimg", [])]
+    return hl + [f"{d:g}" for d in train["ema"]]
+
+
+def ema_from_train(model: nn.Module, train: dict) -> "EMA":
+    """The EMA copies a resolved [train] table asks for."""
+    return EMA(model, train["ema"], train["ema_every"], halflife_kimg=train.get("ema_halflife_kimg", []),
+               rampup=train.get("ema_rampup", 0.0), batch=train["batch"])
+
+
+def halflife_beta(step: int, halflife_kimg: float, rampup: float, batch: int) -> float:
+    """EDM's per-update decay at optimizer update `step` (1-based): 0.5 ** (B / max(min(H, rampup * nimg), 1e-8))."""
+    h = halflife_kimg * 1000.0
+    if rampup > 0:
+        h = min(h, (step - 1) * batch * rampup)
+    return 0.5 ** (batch / max(h, 1e-8))
+
+
 class EMA:
-    def __init__(self, model: nn.Module, decays: list[float], every: int = 1):
+    def __init__(self, model: nn.Module, decays: list[float], every: int = 1, *, halflife_kimg=(),
+                 rampup: float = 0.0, batch: int = 1):
         self.decays = [float(d) for d in decays]
+        self.halflife_kimg = [float(h) for h in halflife_kimg]
+        self.rampup = float(rampup)
+        self.batch = int(batch)
         self.every = int(every)
         self.shadows: list[dict[str, torch.Tensor]] = [
-            {k: v.detach().clone().float() for k, v in model.state_dict().items()} for _ in self.decays
+            {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+            for _ in range(len(self.halflife_kimg) + len(self.decays))
         ]
         self._model_ref: tuple | None = None  # (id(model), its first parameter's address, its state tensors)
         self._consts: dict[tuple, torch.Tensor] = {}
@@ -54,7 +87,19 @@ class EMA:
             self._model_ref = ref = (id(model), ptr, [(k, v.detach()) for k, v in model.state_dict().items()])
         return ref[2]
 
+    def decay(self, index: int, step: int) -> float:
+        """The factor copy `index` applies at the update after finished step `step` (a multiple of every)."""
+        nh = len(self.halflife_kimg)
+        if index >= nh:
+            return self.decays[index - nh] ** self.every  # python float: float64 arithmetic
+        d = 1.0
+        for k in range(step - self.every + 1, step + 1):
+            d *= halflife_beta(k, self.halflife_kimg[index], self.rampup, self.batch)
+        return d
+
     def _const(self, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if len(self._consts) > 64:  # half-life decays change every update during the ramp-up
+            self._consts.clear()
         key = (value, dtype, str(device))
         if key not in self._consts:
             self._consts[key] = torch.full((), value, dtype=dtype, device=device)  # a fill: no host-to-device copy
@@ -67,8 +112,8 @@ class EMA:
         if step % self.every:
             return
         state = self._state(model)
-        for decay, shadow in zip(self.decays, self.shadows):
-            d = decay ** self.every  # python float: float64 arithmetic
+        for index, shadow in enumerate(self.shadows):
+            d = self.decay(index, step)
             fl: list[tuple[torch.Tensor, torch.Tensor]] = []
             for k, v in state:
                 s = shadow[k]

@@ -37,7 +37,7 @@ from ..recipe import Recipe, recipe_from_dict
 from ..sampling import generate, save_sample_grid
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_grads, broadcast_params, init_distributed
-from .ema import EMA
+from .ema import EMA, ema_from_train, ema_labels
 from .lock import RunLock
 from .prefetch import Prefetcher
 
@@ -417,7 +417,7 @@ class Trainer:
 
             model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         opt = make_optimizer([p for p in net.parameters() if p.requires_grad], tr, device)
-        ema = EMA(net, tr["ema"], tr["ema_every"])
+        ema = ema_from_train(net, tr)
         ema_net = copy.deepcopy(net).eval().requires_grad_(False)
 
         step = 0
@@ -431,7 +431,7 @@ class Trainer:
                 ema.load_state_dict(ema_state)
             except (KeyError, RuntimeError) as exc:
                 raise ckpt.CheckpointError(f"{resume_from / 'ema.safetensors'} does not fit this recipe's EMA copies "
-                                           f"(train.ema = {tr['ema']}): {exc}") from None
+                                           f"({', '.join(ema_labels(tr))}): {exc}") from None
             state = ckpt.load_state(resume_from)
             try:
                 opt.load_state_dict(state["optimizer"])
@@ -690,7 +690,7 @@ class Trainer:
                             device=self.info.device)
             out.append(save_sample_grid(data, imgs, self.run_dir / "samples" / f"step_{step:08d}_nfe{nfe}.png",
                                         objective=self.recipe.objective.name, nfe=nfe, step=step,
-                                        ema=self.recipe.train["ema"][0]))
+                                        ema=ema_labels(self.recipe.train)[0]))
         if loggers is not None:
             loggers.log_images(step, {f"samples/nfe{nfe}": path for nfe, path in zip(ev["nfe"], out)})
         return out
