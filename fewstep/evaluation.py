@@ -428,7 +428,8 @@ def protocol(loaded, settings: EvalSettings, evaluators: dict[str, Evaluator], e
 
     labels = ema_labels(r.train)
     return {
-        "weights": f"EMA copy {ema_index} (decay {labels[ema_index]})" if ema_index >= 0 else "raw weights",
+        "weights": (f"EMA copy {ema_index} ({labels[ema_index]})" if "half-life" in labels[ema_index] else
+                    f"EMA copy {ema_index} (decay {labels[ema_index]})") if ema_index >= 0 else "raw weights",
         "num_samples": settings.num,
         "labels": "uniform random" if loaded.data.spec.num_classes > 0 else "unconditional",
         "noise_seed": settings.seed,

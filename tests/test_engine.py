@@ -229,6 +229,12 @@ def test_halflife_ema_copies_in_a_run_and_in_the_recipe(tmp_path, tiny):
     assert not all(torch.equal(ema[f"ema1.{k}"], v.float()) for k, v in model.items())  # the 0.5 copy
     from fewstep.engine.ema import ema_labels
     assert ema_labels(r.train) == ["500 kimg half-life (ramp-up 0.05)", "0.5"]
+    from fewstep.runs import load_model
+    first, second = load_model(tmp_path / "run", 0, "cpu"), load_model(tmp_path / "run", 1, "cpu")
+    assert (first.ema_label, first.ema_decay) == ("500 kimg half-life (ramp-up 0.05)", None)
+    assert (second.ema_label, second.ema_decay) == ("0.5", 0.5)
+    assert torch.equal(next(first.net.parameters()).detach(), load_file(root / "model.safetensors")[
+        next(iter(dict(first.net.named_parameters())))])
     res = CliRunner().invoke(app, ["check", "recipes/quickstart.toml", "--set", "train.ema=[]"])
     assert res.exit_code == 2 and "train.ema" in res.output and "no EMA copy" in res.output
 
