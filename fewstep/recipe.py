@@ -57,6 +57,8 @@ TRAIN_OPTIONS = OptionSet([
     Option("ema_rampup", float, 0.05, "EDM's EMA ramp-up ratio for the half-life copies: the half-life is at most "
            "this share of the images seen so far (0: off)", ge=0),
     Option("ema_every", int, 1, "update the EMA every N steps with decay**N (CIFAR recipes use 16)", ge=1),
+    Option("ema_offset", int, 0, "with ema_every = N > 1, the EMA updates after the finished steps k with k % N == "
+           "ema_offset: 0 gives steps N, 2N, ... (py-meanflow), 1 gives steps 1, N + 1, ... (SoFlow's CIFAR code)", ge=0),
     Option("grad_clip", float, 0.0, "clip the global grad norm to this value (0: off, the official default)", ge=0),
     Option("precision", str, "fp32", "fp32, tf32 (TF32 matmuls on CUDA) or bf16 (bf16 autocast)", choices=("fp32", "tf32", "bf16")),
     Option("device", str, "auto", "auto (CUDA when present, else CPU), cpu or cuda", choices=("auto", "cpu", "cuda")),
@@ -85,7 +87,8 @@ EVAL_OPTIONS = OptionSet([
     Option("num_samples", int, 10000, "samples per metric evaluation", ge=1),
     Option("batch", int, 256, "sampling batch size", ge=1),
     Option("precision", str, "fp32", "arithmetic of the network while sampling for metrics (eval, compare, "
-           "after_train): fp32 (the official evaluations), tf32 (TF32 matmuls and convolutions on CUDA) or bf16 "
+           "after_train): fp32 (EDM's and ECT's evaluations), tf32 (TF32 matmuls and convolutions on CUDA: SoFlow's and "
+           "py-meanflow's) or bf16 "
            "(autocast); the feature extractor always runs as torch-fidelity builds it", choices=("fp32", "tf32", "bf16")),
 ])
 
@@ -308,6 +311,10 @@ def validate(data: dict[str, Any], origin: dict[tuple[str, str], str], source: s
     if not resolved["train"]["ema"] and not resolved["train"]["ema_halflife_kimg"]:
         raise RecipeError(where("train", "ema"), "train.ema", "no EMA copy: give at least one decay in train.ema (or "
                           "a half-life in train.ema_halflife_kimg); sampling and evaluation read copy 0")
+    if resolved["train"]["ema_offset"] >= resolved["train"]["ema_every"]:
+        o, n = resolved["train"]["ema_offset"], resolved["train"]["ema_every"]
+        raise RecipeError(where("train", "ema_offset"), "train.ema_offset", f"= {o} must be below train.ema_every = {n} "
+                          f"(the EMA updates after the steps k with k % {n} == ema_offset)")
     if len(resolved["train"]["betas"]) != 2:
         raise RecipeError(where("train", "betas"), "train.betas", f"needs exactly two values, got {resolved['train']['betas']}")
     loggers: dict[str, dict[str, Any]] = {}

@@ -186,6 +186,40 @@ def test_ema_every_n_accumulates_in_float64_like_the_official_code():
     assert any(not torch.equal(ref[k], f32[k]) for k in ref)  # float32 accumulation rounds differently
 
 
+def test_ema_offset_1_is_soflows_cifar_timing():
+    """SoFlow train.py tests finished_steps % 16 == 0 before incrementing it: updates after optimizer steps 1, 17,
+    33, ... with 0.9999**16 each; offset 0 (py-meanflow) updates after 16, 32, ... The two differ, each equals its
+    official loop restated in float64."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(8, 8)
+    w0 = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+    emas = {o: EMA(net, [0.9999], every=16, offset=o) for o in (0, 1)}
+    refs = {o: {k: v.clone() for k, v in w0.items()} for o in (0, 1)}
+    updated = {0: [], 1: []}
+    D = 0.9999 ** 16
+    finished = 0  # SoFlow's counter
+    for step in range(1, 50):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1e-2 * torch.randn_like(p))
+        for o, e in emas.items():
+            before = {k: v.clone() for k, v in e.shadows[0].items()}
+            e.update(net, step)
+            if any(not torch.equal(before[k], e.shadows[0][k]) for k in before):
+                updated[o].append(step)
+        w = net.state_dict()
+        if finished % 16 == 0:  # SoFlow: before the increment
+            refs[1] = {k: (D * refs[1][k].double() + (1 - D) * w[k].double()).float() for k in w}
+        finished += 1
+        if step % 16 == 0:  # py-meanflow update_ema_net(period=16)
+            refs[0] = {k: (D * refs[0][k].double() + (1 - D) * w[k].double()).float() for k in w}
+    assert updated == {0: [16, 32, 48], 1: [1, 17, 33, 49]}
+    for o in (0, 1):
+        assert all(torch.equal(emas[o].shadows[0][k], refs[o][k]) for k in w0)
+    res = CliRunner().invoke(app, ["check", "recipes/quickstart.toml", "--set", "train.ema_offset=1"])
+    assert res.exit_code == 2 and "train.ema_offset" in res.output and "below train.ema_every = 1" in res.output
+
+
 def test_halflife_ema_is_edms_rule():
     """EDM training_loop.py: beta = 0.5 ** (B / max(min(H, rampup * nimg_before), 1e-8)), ema = lerp(w, ema, beta),
     restated in float64 step by step; the first update copies the weights; the 500 kimg half-life at batch 512 is

@@ -80,7 +80,12 @@ def test_imagenet_recipes_follow_the_official_tables(roots):
         assert (o["omega"], o["kappa"], o["cfg_t_max"]) == (omega, kappa, tmax)
         assert omega / (1 - kappa) == pytest.approx({"l2": 2.5, "xl2": 2.5}.get(s, 2.0))
     mf = load("meanflow_xl2")
-    assert (mf.train["betas"], mf.train["steps"], mf.backbone.options["gap_init"]) == ([0.9, 0.95], 1_200_000, "normal")
+    # 240 epochs of floor(1,281,167 / 256) = 5,004 steps (the official loader drops the last partial batch)
+    assert (mf.train["betas"], mf.train["steps"], mf.backbone.options["gap_init"]) == ([0.9, 0.95], 240 * (1_281_167 // 256), "normal")
+    assert mf.train["checkpoint_every"] == mf.eval["every"] == 10 * 5_004  # checkpoint_per_epoch, sample_per_epoch 10
+    assert load("soflow_xl2").eval["precision"] == load("soflow_cifar10").eval["precision"] == "tf32"  # inference.py:39
+    assert load("meanflow_cifar10").eval["precision"] == "tf32" and load("ect_cifar10").eval["precision"] == "fp32"
+    assert load("soflow_cifar10").train["ema_offset"] == 1 and load("meanflow_cifar10").train["ema_offset"] == 0
 
 
 def test_check_without_the_data_folder_says_what_to_make():

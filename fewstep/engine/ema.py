@@ -7,7 +7,9 @@ each the official one for its setting:
   e.mul_(d).add_(w, alpha=1 - d) in the shadow's float32.
 - every = N > 1 (CIFAR recipes: 0.9999**16 every 16 steps; SoFlow train.py "CIFAR10 prefers a higher ema
   precision", py-meanflow models/ema.py update_ema_net): D = d**N, then e <- D e + (1 - D) w computed in
-  float64 and stored back in float32.
+  float64 and stored back in float32. The updates follow finished steps k with k % N == offset: offset 0
+  (steps N, 2N, ...: py-meanflow) or 1 (steps 1, N + 1, 2N + 1, ...: SoFlow train.py tests its step counter
+  before incrementing it), `train.ema_offset`.
 
 EDM's half-life EMA (`train.ema_halflife_kimg`, the sCT paper's CIFAR-10 EMA; NVlabs/edm training_loop.py,
 "Update EMA"): at optimizer update k (1-based) with global batch B, cur_nimg = (k - 1) B images done before it,
@@ -52,7 +54,7 @@ def ema_labels(train: dict) -> list[str]:
 def ema_from_train(model: nn.Module, train: dict) -> "EMA":
     """The EMA copies a resolved [train] table asks for."""
     return EMA(model, train["ema"], train["ema_every"], halflife_kimg=train.get("ema_halflife_kimg", []),
-               rampup=train.get("ema_rampup", 0.0), batch=train["batch"])
+               rampup=train.get("ema_rampup", 0.0), batch=train["batch"], offset=train.get("ema_offset", 0))
 
 
 def halflife_beta(step: int, halflife_kimg: float, rampup: float, batch: int) -> float:
@@ -65,12 +67,15 @@ def halflife_beta(step: int, halflife_kimg: float, rampup: float, batch: int) ->
 
 class EMA:
     def __init__(self, model: nn.Module, decays: list[float], every: int = 1, *, halflife_kimg=(),
-                 rampup: float = 0.0, batch: int = 1):
+                 rampup: float = 0.0, batch: int = 1, offset: int = 0):
         self.decays = [float(d) for d in decays]
         self.halflife_kimg = [float(h) for h in halflife_kimg]
         self.rampup = float(rampup)
         self.batch = int(batch)
         self.every = int(every)
+        self.offset = int(offset)  # updates after the finished steps k with k % every == offset
+        if not 0 <= self.offset < self.every:
+            raise ValueError(f"EMA offset {offset} must be in [0, every = {every})")
         self.shadows: list[dict[str, torch.Tensor]] = [
             {k: v.detach().clone().float() for k, v in model.state_dict().items()}
             for _ in range(len(self.halflife_kimg) + len(self.decays))
@@ -88,12 +93,12 @@ class EMA:
         return ref[2]
 
     def decay(self, index: int, step: int) -> float:
-        """The factor copy `index` applies at the update after finished step `step` (a multiple of every)."""
+        """The factor copy `index` applies at the update after finished step `step` (step % every == offset)."""
         nh = len(self.halflife_kimg)
         if index >= nh:
             return self.decays[index - nh] ** self.every  # python float: float64 arithmetic
         d = 1.0
-        for k in range(step - self.every + 1, step + 1):
+        for k in range(max(1, step - self.every + 1), step + 1):
             d *= halflife_beta(k, self.halflife_kimg[index], self.rampup, self.batch)
         return d
 
@@ -109,7 +114,7 @@ class EMA:
     def update(self, model: nn.Module, step: int, ok: torch.Tensor | None = None) -> None:
         """Call after optimizer step number `step` (1-based count of finished steps). `ok`: None (the step was
         applied) or a 0-dim bool tensor, False for a step the optimizer skipped (the copies then stay as they are)."""
-        if step % self.every:
+        if step % self.every != self.offset:
             return
         state = self._state(model)
         for index, shadow in enumerate(self.shadows):
