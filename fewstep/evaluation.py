@@ -426,10 +426,10 @@ def protocol(loaded, settings: EvalSettings, evaluators: dict[str, Evaluator], e
     r = loaded.recipe
     from .engine.ema import ema_labels
 
-    labels = ema_labels(r.train)
+    labels, nh = ema_labels(r.train), len(r.train.get("ema_halflife_kimg", []))
     return {
-        "weights": (f"EMA copy {ema_index} ({labels[ema_index]})" if "half-life" in labels[ema_index] else
-                    f"EMA copy {ema_index} (decay {labels[ema_index]})") if ema_index >= 0 else "raw weights",
+        "weights": "raw weights" if ema_index < 0 else
+                   f"EMA copy {ema_index} ({'' if ema_index < nh else 'decay '}{labels[ema_index]})",
         "num_samples": settings.num,
         "labels": "uniform random" if loaded.data.spec.num_classes > 0 else "unconditional",
         "noise_seed": settings.seed,

@@ -48,7 +48,7 @@ def ema_labels(train: dict) -> list[str]:
     """What each EMA copy of a resolved [train] table is, in copy order: '500 kimg half-life' or '0.9999'."""
     ramp = float(train.get("ema_rampup", 0.0))
     hl = [f"{h:g} kimg half-life" + (f" (ramp-up {ramp:g})" if ramp > 0 else "") for h in train.get("ema_halflife_kimg", [])]
-    return hl + [f"{d:g}" for d in train["ema"]]
+    return hl + [repr(float(d)) for d in train["ema"]]  # repr: every digit of a decay (":g" would round 0.9999999)
 
 
 def ema_from_train(model: nn.Module, train: dict) -> "EMA":
